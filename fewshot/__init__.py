@@ -1,0 +1,1 @@
+"""fewshot: episodic meta-learning (MAML, Meta-LSTM) configured by Hydra, run by Lightning."""

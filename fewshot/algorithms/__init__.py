@@ -1,0 +1,8 @@
+"""Meta-learning algorithms behind one interface: initial weights + support set -> task weights."""
+
+from fewshot.algorithms.base import Algorithm, EpisodeResults, Weights
+from fewshot.algorithms.maml import MAML
+
+ALGORITHMS: dict[str, type[Algorithm]] = {"maml": MAML}
+
+__all__ = ["ALGORITHMS", "MAML", "Algorithm", "EpisodeResults", "Weights"]

@@ -1,0 +1,125 @@
+"""From a composed config to the objects of a run, after checking the config's values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from fewshot.algorithms import ALGORITHMS
+from fewshot.data.datamodule import EpisodeDataModule
+from fewshot.errors import ConfigError
+from fewshot.module import EpisodicModule
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+    ), f"an integer >= {low}"
+
+
+_POSITIVE = (
+    (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+    "a number > 0",
+)
+
+# key -> (test, what is allowed); a key absent from the config (another algorithm's) is skipped.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "way": _int_at_least(2),
+    "shot": _int_at_least(1),
+    "query": _int_at_least(1),
+    "val_episodes": _int_at_least(2),
+    "algo.meta_lr": _POSITIVE,
+    "algo.base_lr": _POSITIVE,
+    "algo.meta_batch_size": _int_at_least(1),
+    "algo.inner_steps": _int_at_least(1),
+    "algo.inner_steps_test": _int_at_least(1),
+    "trainer.max_steps": _int_at_least(1),
+    "trainer.val_check_interval": _int_at_least(1),
+    "backbone.channels": _int_at_least(1),
+    "backbone.padding": _int_at_least(0),
+    "backbone.stride": _int_at_least(1),
+    "data.image_size": _int_at_least(1),
+    "data.workers": _int_at_least(0),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is out of range."""
+    for key, (ok, allowed) in RULES.items():
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value != "<absent>" and not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+    if cfg.algo.name not in ALGORITHMS:
+        raise ConfigError(
+            f"algo.name={cfg.algo.name!r} is unknown; choose one of {list(ALGORITHMS)}"
+        )
+    if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
+        raise ConfigError(
+            f"trainer.val_check_interval={cfg.trainer.val_check_interval} exceeds "
+            f"trainer.max_steps={cfg.trainer.max_steps}: the run would never validate"
+        )
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain data, with data.root absolute, as stored in checkpoints."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = os.path.abspath(os.path.expanduser(config["data"]["root"]))
+    return config
+
+
+def build_module(cfg: DictConfig) -> EpisodicModule:
+    backbone = hydra.utils.instantiate(cfg.backbone)
+    algorithm = ALGORITHMS[cfg.algo.name].from_config(cfg.algo, backbone)
+    return EpisodicModule(algorithm, cfg.algo.meta_lr, resolved_config(cfg))
+
+
+def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataModule:
+    return EpisodeDataModule(
+        cfg.data,
+        cfg.way,
+        cfg.shot,
+        cfg.query,
+        cfg.algo.meta_batch_size,
+        cfg.val_episodes,
+        test_episodes,
+        cfg.seed,
+    )
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    """A Trainer that counts meta-iterations, keeps best and last checkpoints, logs to TensorBoard."""
+    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    set_threads(options.pop("threads"))
+    checkpoints = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+        enable_version_counter=False,
+    )
+    return pl.Trainer(
+        **options,
+        gradient_clip_val=cfg.algo.get("grad_clip"),
+        logger=TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
+        callbacks=[checkpoints],
+        default_root_dir=run_dir,
+        # Validation adapts with gradients; under inference mode enable_grad could not undo it.
+        inference_mode=False,
+        # Training is one endless stream of meta-batches: validate by step count, not by epoch.
+        check_val_every_n_epoch=None,
+    )
