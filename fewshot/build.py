@@ -11,10 +11,10 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fewshot.algorithms import ALGORITHMS
+from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.errors import ConfigError
 from fewshot.module import EpisodicModule
@@ -104,19 +104,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     """A Trainer that counts meta-iterations, keeps best and last checkpoints, logs to TensorBoard."""
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     set_threads(options.pop("threads"))
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor="val/acc",
-        mode="max",
-        save_last=True,
-        enable_version_counter=False,
-    )
     return pl.Trainer(
         **options,
         gradient_clip_val=cfg.algo.get("grad_clip"),
         logger=TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[checkpoints],
+        callbacks=checkpoint_callbacks(run_dir),
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         # Validation adapts with gradients; under inference mode enable_grad could not undo it.
         inference_mode=False,

@@ -1,0 +1,58 @@
+"""Every config composes, builds, and bad values are refused naming their key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fewshot.build import build_module, check_config
+from fewshot.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    check_config(cfg)
+    module = build_module(cfg)
+    assert module.algorithm.backbone.head.out_features == cfg.way
+    way, shot = experiment.rsplit("_", 1)[1].rstrip("s").split("w")
+    assert (cfg.way, cfg.shot) == (int(way), int(shot))
+
+
+def test_experiments_carry_the_papers_settings():
+    cfg = compose_train("experiment=maml_omniglot_20w1s")
+    assert (cfg.algo.base_lr, cfg.algo.inner_steps, cfg.algo.meta_batch_size) == (0.1, 5, 16)
+    assert cfg.data.split == "vinyals"
+
+
+def test_evaluate_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["ckpt=some.ckpt", "episodes=100"])
+    assert cfg.episodes == 100 and cfg.data.root is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("way=1", "way=1 is out of range"),
+        ("shot=0", "shot=0 is out of range"),
+        ("query=0", "query=0 is out of range"),
+        ("algo.meta_lr=0", "algo.meta_lr=0 is out of range"),
+        ("algo.base_lr=-0.1", "algo.base_lr=-0.1 is out of range"),
+        ("algo.inner_steps=0", "algo.inner_steps=0 is out of range"),
+        ("algo.meta_batch_size=0", "algo.meta_batch_size=0 is out of range"),
+        ("trainer.max_steps=10", "trainer.val_check_interval=500 exceeds trainer.max_steps=10"),
+        ("way=five", "way='five' is out of range"),
+    ],
+)
+def test_out_of_range_values_name_their_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        check_config(compose_train(override))
