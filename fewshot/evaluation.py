@@ -34,7 +34,8 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "query": cfg.query,
         "algorithm": cfg.algo.name,
         "inner_steps_test": cfg.algo.inner_steps_test,
-        "batch_norm": "transductive",
+        "batch_norm": cfg.algo.batch_norm_test,
+        "batch_norm_train": cfg.algo.batch_norm_train,
         "episode_seed": cfg.seed,
     }
 

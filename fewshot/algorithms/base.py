@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fewshot.data.episodes import Episodes
+from fewshot.errors import ConfigError
 
 Weights = dict[str, Tensor]
 
@@ -28,15 +29,31 @@ class EpisodeResults:
     step_accuracy: Tensor
 
 
+BATCH_NORM_MODES = ("transductive", "support")
+
+
 class Algorithm(nn.Module, ABC):
     """Turns the backbone's weights and a task's support set into weights for that task.
 
     The backbone's parameters are the learned initialisation; subclasses add the inner loop.
+    `batch_norm_train` / `batch_norm_test` say which statistics normalise the query set:
+    `transductive`, those of the query batch itself (the MAML paper's code), or `support`,
+    those of the support set, so that each query prediction is independent of the others
+    (Ravi & Larochelle at meta-test). Support statistics enter as constants, not differentiated.
     """
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, batch_norm_train: str, batch_norm_test: str) -> None:
         super().__init__()
+        for key, mode in (
+            ("batch_norm_train", batch_norm_train),
+            ("batch_norm_test", batch_norm_test),
+        ):
+            if mode not in BATCH_NORM_MODES:
+                raise ConfigError(
+                    f"algo.{key}={mode!r} is unknown; choose one of {BATCH_NORM_MODES}"
+                )
         self.backbone = backbone
+        self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
 
     @classmethod
     @abstractmethod
@@ -59,19 +76,43 @@ class Algorithm(nn.Module, ABC):
         return {name: w.detach().requires_grad_() for name, w in weights.items()}
 
     def predict(self, weights: Weights, x: Tensor) -> Tensor:
-        """[N, C, H, W] -> [N, way] logits of the backbone run on `weights`."""
-        return functional_call(self.backbone, weights, (x,))
+        """[N, C, H, W] -> [N, way] logits on `weights`, batch norm using the statistics of `x`."""
+        self.backbone.train()
+        return functional_call(self.backbone, (weights, self._fresh_buffers()), (x,))
+
+    def predict_query(
+        self, weights: Weights, support_x: Tensor, query_x: Tensor, batch_norm: str
+    ) -> Tensor:
+        """[way*query, way] logits of the query set under the given batch-norm mode."""
+        if batch_norm == "transductive":
+            return self.predict(weights, query_x)
+        # One pass over the support set fills fresh buffers with its statistics (the backbone's
+        # batch norm averages cumulatively, so one batch gives them exactly); the query set is
+        # then normalised with them. Fresh buffers per episode: nothing leaks between episodes.
+        buffers = self._fresh_buffers()
+        self.backbone.train()
+        with torch.no_grad():
+            functional_call(self.backbone, (weights, buffers), (support_x,))
+        self.backbone.eval()
+        return functional_call(self.backbone, (weights, buffers), (query_x,))
+
+    def _fresh_buffers(self) -> dict[str, Tensor]:
+        # The module's own buffers are never written (every call gets copies), so they hold
+        # their initial values.
+        return {name: b.clone() for name, b in self.backbone.named_buffers()}
 
     def forward(self, batch: Episodes, training: bool, track_steps: bool = False) -> EpisodeResults:
         """Adapt to every task of `batch` and score its query set (see `Episodes` for shapes)."""
+        batch_norm = self.batch_norm_train if training else self.batch_norm_test
         losses, accuracies, step_accuracies = [], [], []
         for support_x, support_y, query_x, query_y in zip(*batch):
             trace = []
             for weights in self.adapt(support_x, support_y, training):
                 if track_steps:
                     with torch.no_grad():  # for logging only: no graph kept
-                        trace.append(accuracy(self.predict(weights, query_x), query_y))
-            logits = self.predict(weights, query_x)
+                        logits = self.predict_query(weights, support_x, query_x, batch_norm)
+                        trace.append(accuracy(logits, query_y))
+            logits = self.predict_query(weights, support_x, query_x, batch_norm)
             losses.append(F.cross_entropy(logits, query_y))
             accuracies.append(accuracy(logits.detach(), query_y))
             step_accuracies.append(torch.stack(trace) if trace else logits.new_empty(0))

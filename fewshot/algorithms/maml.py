@@ -29,15 +29,23 @@ class MAML(Algorithm):
         inner_steps: int,
         inner_steps_test: int,
         first_order: bool,
+        batch_norm_train: str,
+        batch_norm_test: str,
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, batch_norm_train, batch_norm_test)
         self.base_lr, self.first_order = base_lr, first_order
         self.inner_steps, self.inner_steps_test = inner_steps, inner_steps_test
 
     @classmethod
     def from_config(cls, algo: DictConfig, backbone: nn.Module) -> MAML:
         return cls(
-            backbone, algo.base_lr, algo.inner_steps, algo.inner_steps_test, algo.first_order
+            backbone,
+            base_lr=algo.base_lr,
+            inner_steps=algo.inner_steps,
+            inner_steps_test=algo.inner_steps_test,
+            first_order=algo.first_order,
+            batch_norm_train=algo.batch_norm_train,
+            batch_norm_test=algo.batch_norm_test,
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:

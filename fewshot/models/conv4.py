@@ -18,8 +18,9 @@ class Conv4(nn.Module):
 
     Padding, stride and pooling are settings because they matter: padding 2 / stride 2 without
     pooling plateaus near 92% on Omniglot 5-way 1-shot where padding 1 / max-pool reaches ~97.5%.
-    BatchNorm keeps no running statistics: every forward pass normalises with the statistics
-    of the batch it is given (the transductive setting of the MAML paper's code).
+    BatchNorm averages its running statistics cumulatively (momentum=None), so buffers that
+    have seen one batch hold exactly that batch's statistics: the algorithms use this to
+    normalise a query set with its support set's statistics (see `Algorithm.predict_query`).
     """
 
     def __init__(
@@ -46,7 +47,7 @@ class Conv4(nn.Module):
                 )
             layers += [
                 nn.Conv2d(width, channels, 3, stride=stride, padding=padding),
-                nn.BatchNorm2d(channels, track_running_stats=False),
+                nn.BatchNorm2d(channels, momentum=None),
                 nn.ReLU(),
             ]
             if pool:
