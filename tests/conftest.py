@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,50 @@ def labelled_classes(num_classes: int = 12, per_class: int = 20) -> ClassImages:
     images[:, :, 0, 0, 0] = torch.arange(num_classes)[:, None]
     images[:, :, 0, 0, 1] = torch.arange(per_class)[None, :]
     return ClassImages(images, [f"class{c}" for c in range(num_classes)])
+
+
+def run_script(script: str, *overrides: str, expect_ok: bool = True):
+    """Run train.py or evaluate.py as a user does; fail showing its stderr unless `expect_ok` is False."""
+    proc = subprocess.run(
+        [sys.executable, script, *overrides],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def quick_overrides(omniglot_root, omniglot_cache) -> list[str]:
+    """Overrides for two cheap meta-steps on the real data."""
+    return [
+        f"data.root={omniglot_root}",
+        f"data.cache_dir={omniglot_cache}",
+        "algo.meta_batch_size=2",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "val_episodes=4",
+        "trainer.threads=1",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def sweep_with_failures(quick_overrides, tmp_path_factory):
+    """A 4-job multirun whose first two jobs fail (no TPU here) and last two train:
+    (sweep folder, the finished process)."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    proc = run_script(
+        "train.py",
+        "-m",
+        *quick_overrides,
+        "trainer.accelerator=tpu,cpu",
+        "algo.meta_lr=1e-3,1e-4",
+        f"hydra.sweep.dir={sweep_dir}",
+        expect_ok=False,
+    )
+    return sweep_dir, proc
