@@ -15,6 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from fewshot.algorithms import ALGORITHMS
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
+from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.errors import ConfigError
 from fewshot.module import EpisodicModule
@@ -108,7 +109,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         **options,
         gradient_clip_val=cfg.algo.get("grad_clip"),
         logger=TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=checkpoint_callbacks(run_dir),
+        callbacks=[*checkpoint_callbacks(run_dir), TensorBoardViews()],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         # Validation adapts with gradients; under inference mode enable_grad could not undo it.
