@@ -1,23 +1,39 @@
-"""Test a checkpoint on fixed meta-test episodes:  python evaluate.py ckpt=<file> [episodes=600]"""
+"""Test a checkpoint on fixed meta-test episodes:  python evaluate.py ckpt=<file> [episodes=600]
+Several at once, into one table:  python evaluate.py run=<sweep folder> [episodes=[100,250,600]]"""
 
 import json
 import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
+from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
 from fewshot.data.files import atomic_path
-from fewshot.errors import reported_as_one_line
+from fewshot.errors import ConfigError, reported_as_one_line
 from fewshot.evaluation import evaluate_checkpoint
 
 log = logging.getLogger(__name__)
 
 
+def as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if OmegaConf.is_list(value) else [value]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    """Print and write to JSON the test accuracy, its 95% CI and the protocol; return the accuracy."""
+def main(cfg: DictConfig) -> float | None:
+    """Print and write to JSON the test accuracy, its 95% CI and the protocol; return the accuracy.
+    With several checkpoints, runs or episode counts, also write one table of them all."""
     with reported_as_one_line():
+        ckpts, runs = as_list(cfg.ckpt), as_list(cfg.run)
+        if not ckpts and not runs:
+            raise ConfigError("give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>")
+        if runs or len(ckpts) > 1 or OmegaConf.is_list(cfg.episodes):
+            evaluate_many(cfg, ckpts, runs)
+            return None
         result = evaluate_checkpoint(
             cfg.ckpt,
             cfg.episodes,
@@ -38,6 +54,23 @@ def main(cfg: DictConfig) -> float:
         f"{p['inner_steps_test']} inner steps, {p['batch_norm']} batch norm) -> {output}"
     )
     return result["test/acc"]
+
+
+def evaluate_many(cfg: DictConfig, ckpts: list[str], runs: list[str]) -> None:
+    """Evaluate every checkpoint once on the largest episode count; write and print the table."""
+    counts = sorted(set(as_list(cfg.episodes)))
+    targets = targets_of(ckpts, runs)
+    rows = evaluate_targets(
+        targets, counts, cfg.seed, cfg.data.root, cfg.algo.inner_steps_test, cfg.trainer.threads
+    )
+    if cfg.output:
+        table = Path(cfg.output)
+    elif len(runs) == 1 and not ckpts:
+        table = Path(runs[0]) / f"evaluation_seed{cfg.seed}.md"
+    else:
+        table = Path(HydraConfig.get().runtime.output_dir) / f"evaluation_seed{cfg.seed}.md"
+    md_path = write_evaluation_table(table, rows, counts, cfg.seed)
+    print(md_path.read_text() + f"-> {md_path} and {md_path.with_suffix('.csv')}")
 
 
 if __name__ == "__main__":

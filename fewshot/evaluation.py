@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "shot": cfg.shot,
         "query": cfg.query,
         "algorithm": cfg.algo.name,
+        "first_order": cfg.algo.get("first_order"),
         "inner_steps_test": cfg.algo.inner_steps_test,
         "batch_norm": cfg.algo.batch_norm_test,
         "batch_norm_train": cfg.algo.batch_norm_train,
@@ -63,6 +65,20 @@ def evaluate_checkpoint(
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on `episodes` fixed meta-test episodes drawn with `seed`."""
+    return evaluate_prefixes(ckpt, [episodes], seed, data_root, inner_steps_test, threads)[0]
+
+
+def evaluate_prefixes(
+    ckpt: str | Path,
+    counts: Sequence[int],
+    seed: int,
+    data_root: str | None = None,
+    inner_steps_test: int | None = None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Results on the first n fixed meta-test episodes for each n in `counts`, from one pass
+    over max(counts) episodes: episode i does not depend on how many are drawn, so each is the
+    result of evaluating n episodes alone."""
     cfg, checkpoint = load_checkpoint(ckpt)
     cfg.seed = seed
     if data_root is not None:
@@ -70,15 +86,16 @@ def evaluate_checkpoint(
     if inner_steps_test is not None:
         cfg.algo.inner_steps_test = inner_steps_test
     check_config(cfg)
-    if not isinstance(episodes, int) or episodes < 2:
-        raise ConfigError(f"episodes={episodes!r} is out of range: expected an integer >= 2")
+    for n in counts:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+            raise ConfigError(f"episodes={n!r} is out of range: expected an integer >= 2")
     set_threads(threads)
     module = build_module(cfg)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:
         raise ConfigError(f"ckpt={ckpt} does not fit its run config: {err}") from err
-    datamodule = build_datamodule(cfg, test_episodes=episodes)
+    datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(
         accelerator="auto",
@@ -90,12 +107,28 @@ def evaluate_checkpoint(
         enable_model_summary=False,
     )
     trainer.test(module, datamodule, verbose=False)
-    mean, ci95 = mean_ci95(torch.cat(module.test_accuracies))
-    return {
-        "test/acc": mean,
-        "test/acc_ci95": ci95,
-        "episodes": episodes,
-        "checkpoint": str(Path(ckpt).resolve()),
-        "trained_steps": checkpoint.get("global_step"),
-        "protocol": protocol(cfg),
-    }
+    accuracies = torch.cat(module.test_accuracies)  # [max(counts)], in episode order
+    results = []
+    for n in counts:
+        mean, ci95 = mean_ci95(accuracies[:n])
+        results.append(
+            {
+                "test/acc": mean,
+                "test/acc_ci95": ci95,
+                "episodes": n,
+                "checkpoint": str(Path(ckpt).resolve()),
+                "trained_steps": checkpoint.get("global_step"),
+                "val/acc_best": best_val_acc(checkpoint),
+                "protocol": protocol(cfg),
+            }
+        )
+    return results
+
+
+def best_val_acc(checkpoint: dict[str, Any]) -> float | None:
+    """The best val/acc of the run when the checkpoint was written (its ModelCheckpoint state)."""
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, dict) and state.get("monitor") == "val/acc":
+            score = state.get("best_model_score")
+            return None if score is None else float(score)
+    return None
