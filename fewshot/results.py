@@ -1,0 +1,177 @@
+"""The README's results tables, made from evaluate.py's JSON files beside the papers' numbers:
+python -m fewshot.results outputs/*/*/eval/*.json [--output results.md]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewshot.errors import DataError
+from fewshot.tables import markdown
+
+
+@dataclass(frozen=True)
+class PaperResult:
+    """A test accuracy a paper reports, as printed there (percent ± 95% CI where it gives one)."""
+
+    algorithm: str
+    first_order: bool | None
+    dataset: str
+    way: int
+    shot: int
+    accuracy: str
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    algorithm: str
+    protocol: str  # how the paper's numbers were obtained, to read ours against
+    results: tuple[PaperResult, ...]
+
+
+def _maml(dataset: str, way: int, shot: int, accuracy: str, first_order: bool = False):
+    return PaperResult("maml", first_order, dataset, way, shot, accuracy)
+
+
+PAPERS = (
+    Paper(
+        "MAML (Finn, Abbeel & Levine, ICML 2017, Tables 1 and 2)",
+        "maml",
+        "Omniglot: 1200 training characters (`vinyals` split), rotations as classes, 28x28; "
+        "transductive batch norm; Mini-ImageNet: 15 query images per class, 10 inner steps at test.",
+        (
+            _maml("omniglot", 5, 1, "98.7 ± 0.4"),
+            _maml("omniglot", 5, 5, "99.9 ± 0.1"),
+            _maml("omniglot", 20, 1, "95.8 ± 0.3"),
+            _maml("omniglot", 20, 5, "98.9 ± 0.2"),
+            _maml("miniimagenet", 5, 1, "48.70 ± 1.84"),
+            _maml("miniimagenet", 5, 5, "63.11 ± 0.92"),
+            _maml("miniimagenet", 5, 1, "48.07", first_order=True),
+            _maml("miniimagenet", 5, 5, "63.15", first_order=True),
+        ),
+    ),
+    Paper(
+        "Meta-LSTM (Ravi & Larochelle, ICLR 2017, Table 1)",
+        "metalstm",
+        "Mini-ImageNet 64/16/20 classes, 84x84; batch norm at test with support-set statistics.",
+        (
+            PaperResult("metalstm", None, "miniimagenet", 5, 1, "43.44 ± 0.77"),
+            PaperResult("metalstm", None, "miniimagenet", 5, 5, "60.60 ± 0.71"),
+        ),
+    ),
+)
+
+DATASET_NAMES = {"omniglot": "Omniglot", "miniimagenet": "Mini-ImageNet"}
+COLUMNS = (
+    "setting",
+    "paper",
+    "fewshot",
+    "test episodes",
+    "split",
+    "batch norm (train/test)",
+    "inner steps (test)",
+    "meta-iterations",
+)
+
+
+def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """evaluate.py's result files; anything else is refused naming the file."""
+    results = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} is not readable as an evaluation result: {err}") from err
+        if not isinstance(result, dict) or not {"test/acc", "protocol"} <= result.keys():
+            raise DataError(f"{path} is not an evaluation result of evaluate.py (no test/acc)")
+        results.append(result)
+    return results
+
+
+def _setting(dataset: str, way: int, shot: int, first_order: bool | None) -> str:
+    name = f"{DATASET_NAMES.get(dataset, dataset)} {way}-way {shot}-shot"
+    return name + (" (first order)" if first_order else "")
+
+
+def _key(algorithm: str, first_order: Any, dataset: str, way: int, shot: int) -> tuple:
+    return algorithm, bool(first_order), dataset, way, shot
+
+
+def _ours(result: dict[str, Any]) -> dict[str, Any]:
+    p = result["protocol"]
+    return {
+        "fewshot": f"{100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}",
+        "test episodes": result["episodes"],
+        "split": p.get("split"),
+        "batch norm (train/test)": f"{p.get('batch_norm_train')}/{p.get('batch_norm')}",
+        "inner steps (test)": p.get("inner_steps_test"),
+        "meta-iterations": result.get("trained_steps"),
+    }
+
+
+def results_tables(results: Sequence[dict[str, Any]]) -> str:
+    """One Markdown table per paper: every setting it reports with our results for it (one row
+    per result file, "not run" where there is none), then our results for settings it lacks."""
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for result in sorted(
+        results, key=lambda r: (r["episodes"], r.get("trained_steps") or 0, r["test/acc"])
+    ):
+        p = result["protocol"]
+        key = _key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
+        by_key.setdefault(key, []).append(result)
+    sections = []
+    for paper in PAPERS:
+        rows = []
+        for reported in paper.results:
+            key = _key(reported.algorithm, reported.first_order, *_dws(reported))
+            paper_cell = reported.accuracy
+            setting = _setting(*_dws(reported), reported.first_order)
+            ours = by_key.pop(key, [])
+            for result in ours:
+                rows.append({"setting": setting, "paper": paper_cell, **_ours(result)})
+            if not ours:
+                rows.append({"setting": setting, "paper": paper_cell, "fewshot": "not run"})
+        for key in [k for k in by_key if k[0] == paper.algorithm]:
+            for result in by_key.pop(key):
+                setting = _setting(key[2], key[3], key[4], key[1])
+                rows.append({"setting": setting, "paper": "—", **_ours(result)})
+        sections.append(
+            f"### {paper.title}\n\nPaper's protocol: {paper.protocol}\n\n" + markdown(COLUMNS, rows)
+        )
+    for key, others in by_key.items():  # algorithms no paper here reports
+        rows = [
+            {"setting": _setting(key[2], key[3], key[4], key[1]), "paper": "—", **_ours(r)}
+            for r in others
+        ]
+        sections.append(f"### {key[0]}\n\n" + markdown(COLUMNS, rows))
+    return "\n".join(sections)
+
+
+def _dws(reported: PaperResult) -> tuple[str, int, int]:
+    return reported.dataset, reported.way, reported.shot
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fewshot.results", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("results", nargs="+", help="evaluate.py result JSON files")
+    parser.add_argument("--output", help="also write the tables to this Markdown file")
+    args = parser.parse_args(argv)
+    try:
+        text = results_tables(load_results(args.results))
+    except DataError as err:
+        parser.exit(2, f"error: {err}\n")
+    if args.output:
+        Path(args.output).write_text(text)
+    sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+    main()

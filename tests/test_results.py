@@ -1,0 +1,90 @@
+"""The README's results tables come from evaluation JSON files, beside the papers' numbers."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+from fewshot.results import PAPERS, results_tables
+
+
+def evaluation(algorithm, dataset, way, shot, acc, ci95, episodes=600, first_order=False):
+    """A result as evaluate.py writes it."""
+    return {
+        "test/acc": acc,
+        "test/acc_ci95": ci95,
+        "episodes": episodes,
+        "trained_steps": 60000,
+        "protocol": {
+            "dataset": dataset,
+            "split": "vinyals",
+            "way": way,
+            "shot": shot,
+            "query": 15,
+            "algorithm": algorithm,
+            "first_order": first_order,
+            "inner_steps_test": 3,
+            "batch_norm": "support",
+            "batch_norm_train": "transductive",
+            "episode_seed": 0,
+        },
+    }
+
+
+def table_rows(text: str, paper_title_start: str) -> list[list[str]]:
+    section = next(s for s in text.split("### ")[1:] if s.startswith(paper_title_start))
+    lines = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_each_result_sits_beside_the_number_the_paper_reports_for_its_setting():
+    text = results_tables(
+        [
+            evaluation("maml", "omniglot", 20, 1, 0.9312, 0.0041),
+            evaluation("maml", "omniglot", 20, 1, 0.93, 0.008, episodes=100),
+            evaluation("metalstm", "miniimagenet", 5, 5, 0.5812, 0.0071),
+        ]
+    )
+    maml = table_rows(text, "MAML")
+    assert len(maml) == len(PAPERS[0].results) + 1  # 20w1s has two result files
+    assert maml[2][:8] == [
+        "Omniglot 20-way 1-shot", "95.8 ± 0.3", "93.00 ± 0.80", "100", "vinyals",
+        "transductive/support", "3", "60000",
+    ]  # fmt: skip
+    assert maml[3][:4] == ["Omniglot 20-way 1-shot", "95.8 ± 0.3", "93.12 ± 0.41", "600"]
+    assert maml[0][:3] == ["Omniglot 5-way 1-shot", "98.7 ± 0.4", "not run"]
+    metalstm = table_rows(text, "Meta-LSTM")
+    assert metalstm[1][:3] == ["Mini-ImageNet 5-way 5-shot", "60.60 ± 0.71", "58.12 ± 0.71"]
+    assert metalstm[0][2] == "not run"
+
+
+def test_a_setting_the_paper_lacks_gets_a_row_of_its_own():
+    text = results_tables(
+        [
+            evaluation("maml", "omniglot", 10, 1, 0.97, 0.01),
+            evaluation("maml", "miniimagenet", 5, 1, 0.47, 0.018, first_order=True),
+            evaluation("protonet", "omniglot", 5, 1, 0.98, 0.01),
+        ]
+    )
+    maml = table_rows(text, "MAML")
+    assert maml[-1][:3] == ["Omniglot 10-way 1-shot", "—", "97.00 ± 1.00"]
+    first_order = next(r for r in maml if r[0] == "Mini-ImageNet 5-way 1-shot (first order)")
+    assert first_order[1:3] == ["48.07", "47.00 ± 1.80"]
+    assert table_rows(text, "protonet")[0][:3] == ["Omniglot 5-way 1-shot", "—", "98.00 ± 1.00"]
+
+
+def test_the_command_reads_json_files_and_refuses_other_files_in_one_line(tmp_path):
+    good = tmp_path / "best_600ep_seed0.json"
+    good.write_text(json.dumps(evaluation("maml", "omniglot", 5, 1, 0.99, 0.002)))
+    out = tmp_path / "results.md"
+    command = [sys.executable, "-m", "fewshot.results", str(good), "--output", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "| Omniglot 5-way 1-shot | 98.7 ± 0.4 | 99.00 ± 0.20 | 600 |" in proc.stdout
+    assert out.read_text() == proc.stdout
+    bad = tmp_path / "summary.csv"
+    bad.write_text("job,val/acc\n")
+    proc = subprocess.run(command[:3] + [str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}")
+    assert "Traceback" not in proc.stderr
