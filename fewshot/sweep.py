@@ -193,7 +193,7 @@ def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any
 
 class SweepSummary(Callback):
     """Hydra callback: rewrites the sweep's summary after every job and at the end, and makes
-    the sweep exit with status 1 if a job failed (after every job has run)."""
+    the sweep exit with status 1 if a job failed (once every job has run)."""
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -208,8 +208,11 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         md_path, rows = write_sweep_summary(config.hydra.sweep.dir)
         print(md_path.read_text(), flush=True)
-        failed = [r for r in rows if r["status"] != "completed"]
         log.info("sweep summary: %s and %s", md_path, md_path.with_suffix(".csv"))
+        unfinished = sum(r["status"] == "incomplete" for r in rows)
+        if unfinished:  # left by an earlier, interrupted sweep into this folder
+            log.warning("%d jobs in %s have no result (interrupted?)", unfinished, md_path.parent)
+        failed = sum(r["status"] == "failed" for r in rows)
         if failed:
-            log.error("%d of %d jobs did not complete; see %s", len(failed), len(rows), md_path)
+            log.error("%d of %d jobs failed; see %s", failed, len(rows), md_path)
             sys.exit(1)
