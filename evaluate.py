@@ -1,7 +1,6 @@
 """Test a checkpoint on fixed meta-test episodes:  python evaluate.py ckpt=<file> [episodes=600]
 Several at once, into one table:  python evaluate.py run=<sweep folder> [episodes=[100,250,600]]"""
 
-import json
 import logging
 from pathlib import Path
 
@@ -9,8 +8,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
-from fewshot.data.files import atomic_path
+from fewshot.comparison import (
+    evaluate_targets,
+    result_path,
+    targets_of,
+    write_evaluation_table,
+    write_result_json,
+)
 from fewshot.errors import ConfigError, reported_as_one_line
 from fewshot.evaluation import evaluate_checkpoint
 
@@ -42,11 +46,8 @@ def main(cfg: DictConfig) -> float | None:
             cfg.algo.inner_steps_test,
             cfg.trainer.threads,
         )
-    ckpt = Path(cfg.ckpt)
-    name = f"{ckpt.stem}_{cfg.episodes}ep_seed{cfg.seed}.json"
-    output = Path(cfg.output) if cfg.output else ckpt.resolve().parent.parent / "eval" / name
-    with atomic_path(output) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    output = Path(cfg.output) if cfg.output else result_path(Path(cfg.ckpt), cfg.episodes, cfg.seed)
+    write_result_json(result, output)
     p = result["protocol"]
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "

@@ -76,8 +76,9 @@ def evaluate_targets(
             write_result_json(result, result_path(target.ckpt, result["episodes"], seed))
         rows.append({**row, "results": {r["episodes"]: r for r in results}, "status": "evaluated"})
     # Best validation accuracy first: runs are chosen on validation, never on test.
-    rows.sort(key=lambda r: -(_first(r).get("val/acc_best") or -1.0))
-    return rows
+    best = [_first(r).get("val/acc_best") for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (best[i] is None, -(best[i] or 0.0)))
+    return [rows[i] for i in order]
 
 
 _PROTOCOL_COLUMNS = ("batch_norm", "batch_norm_train", "inner_steps_test")
