@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fewshot.data.files import atomic_path
-from fewshot.errors import reported_as_one_line
+from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,17 @@ def main(cfg: DictConfig) -> float:
             cfg.data.root,
             cfg.algo.inner_steps_test,
             cfg.trainer.threads,
+            {"way": cfg.way, "shot": cfg.shot, "query": cfg.query},
         )
     ckpt = Path(cfg.ckpt)
-    name = f"{ckpt.stem}_{cfg.episodes}ep_seed{cfg.seed}.json"
+    p = result["protocol"]
+    # A result for another task than the run's own gets its own name, not the run's result's.
+    task_set = any(cfg[key] is not None for key in ("way", "shot", "query"))
+    task = f"_{p['way']}w{p['shot']}s{p['query']}q" if task_set else ""
+    name = f"{ckpt.stem}{task}_{cfg.episodes}ep_seed{cfg.seed}.json"
     output = Path(cfg.output) if cfg.output else ckpt.resolve().parent.parent / "eval" / name
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
-    p = result["protocol"]
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
         f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
@@ -41,4 +45,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from fewshot.build import build_datamodule, build_module, check_config, set_threads
+from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.errors import ConfigError
 
 
@@ -40,20 +41,6 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a fewshot checkpoint, and the checkpoint itself."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path} is not a file")
-    # Our own Lightning checkpoint: it holds optimiser and loop state besides tensors.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "fewshot_config" not in checkpoint:
-        raise ConfigError(
-            f"ckpt={path} was not written by fewshot's train.py (no run config in it)"
-        )
-    return OmegaConf.create(checkpoint["fewshot_config"]), checkpoint
-
-
 def evaluate_checkpoint(
     ckpt: str | Path,
     episodes: int,
@@ -61,23 +48,30 @@ def evaluate_checkpoint(
     data_root: str | None = None,
     inner_steps_test: int | None = None,
     threads: int | None = None,
+    task: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint on `episodes` fixed meta-test episodes drawn with `seed`."""
-    cfg, checkpoint = load_checkpoint(ckpt)
+    """Score a checkpoint on `episodes` fixed meta-test episodes drawn with `seed`; `task`
+    may set way, shot and query (None: the run's own)."""
+    stored, checkpoint = load_checkpoint(ckpt)
+    cfg = stored.copy()
     cfg.seed = seed
     if data_root is not None:
         cfg.data.root = data_root
     if inner_steps_test is not None:
         cfg.algo.inner_steps_test = inner_steps_test
+    for key, value in (task or {}).items():
+        if value is not None:
+            cfg[key] = value
     check_config(cfg)
+    check_checkpoint_fits(
+        cfg, stored, "ckpt", ckpt, "evaluate.py scores a checkpoint on its own way and backbone"
+    )
     if not isinstance(episodes, int) or episodes < 2:
         raise ConfigError(f"episodes={episodes!r} is out of range: expected an integer >= 2")
     set_threads(threads)
     module = build_module(cfg)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        raise ConfigError(f"ckpt={ckpt} does not fit its run config: {err}") from err
+    check_state_fits(module, checkpoint["state_dict"], "ckpt", ckpt)
+    module.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, test_episodes=episodes)
     datamodule.setup()
     trainer = pl.Trainer(

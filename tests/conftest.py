@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,39 @@ def labelled_classes(num_classes: int = 12, per_class: int = 20) -> ClassImages:
     images[:, :, 0, 0, 0] = torch.arange(num_classes)[:, None]
     images[:, :, 0, 0, 1] = torch.arange(per_class)[None, :]
     return ClassImages(images, [f"class{c}" for c in range(num_classes)])
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """Run train.py or evaluate.py as a user does: a subprocess in the repository root."""
+
+    def run(script: str, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, script, *overrides],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if expect_ok:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def few_steps(omniglot_root, omniglot_cache) -> list[str]:
+    """train.py overrides for a few cheap meta-steps on the real data, logging every step."""
+    return [
+        f"data.root={omniglot_root}",
+        f"data.cache_dir={omniglot_cache}",
+        "algo.meta_batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
+        "val_episodes=4",
+        "trainer.threads=1",
+        "trainer.enable_progress_bar=false",
+    ]
