@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from fewshot.algorithms import ALGORITHMS
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from fewshot.data.datamodule import EpisodeDataModule
+from fewshot.divergence import StopOnNonFinite, divergence_hint
 from fewshot.errors import ConfigError
 from fewshot.module import EpisodicModule
 
@@ -115,7 +116,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
         **options,
         gradient_clip_val=cfg.algo.get("grad_clip"),
         logger=logger,
-        callbacks=checkpoint_callbacks(run_dir),
+        callbacks=[*checkpoint_callbacks(run_dir), StopOnNonFinite(divergence_hint(cfg.algo))],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         # Validation adapts with gradients; under inference mode enable_grad could not undo it.

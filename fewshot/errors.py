@@ -23,7 +23,11 @@ class DataError(OSError):
     """Data missing (the message says how to get it) or unreadable (the message names the file)."""
 
 
-USER_ERRORS = (ConfigError, DataError)
+class TrainingDiverged(ArithmeticError):
+    """The loss or a gradient became non-finite; the message names the step and the checkpoint."""
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingDiverged)
 
 
 def _user_error(err: BaseException) -> BaseException | None:
