@@ -71,14 +71,16 @@ def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
 
 
 def run_dir_of(ckpt_path: str | None, default: str) -> str:
-    """The run a checkpoint belongs to (`<run>/checkpoints/x.ckpt` -> `<run>`), so that resuming
-    continues the run's own checkpoints and TensorBoard events; `default` for a fresh run or a
-    checkpoint outside a run directory. Used as a resolver in hydra.run.dir."""
+    """The run that `<run>/checkpoints/last.ckpt` belongs to, so that resuming continues the
+    run's own checkpoints and TensorBoard events; `default` for a fresh run, a checkpoint outside
+    a run directory, or an earlier one (best.ckpt), which starts a new run rather than overwrite
+    the later state of its own. Used as a resolver in hydra.run.dir."""
     if ckpt_path is None:
         return default
-    folder = Path(ckpt_path).expanduser().absolute().parent
-    is_run = folder.name == "checkpoints" and (folder.parent / ".hydra").is_dir()
-    return str(folder.parent) if is_run else default
+    path = Path(ckpt_path).expanduser().absolute()
+    folder = path.parent
+    is_latest = path.name == "last.ckpt" and folder.name == "checkpoints"
+    return str(folder.parent) if is_latest and (folder.parent / ".hydra").is_dir() else default
 
 
 def config_subdir(run_dir: str) -> str:

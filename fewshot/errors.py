@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 log = logging.getLogger("fewshot")
 
@@ -35,6 +35,8 @@ def _user_error(err: BaseException) -> BaseException | None:
     while err is not None:
         if isinstance(err, USER_ERRORS):
             return err
+        if isinstance(err, MissingMandatoryValue):  # a `???` the command line did not set
+            return ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=<value>")
         err = err.__cause__
     return None
 
@@ -94,5 +96,6 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         line = str(user_error) if user_error is not None else hydra_error_line(err)
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -117,13 +117,14 @@ BAD_INPUTS = [
         ["ckpt={ckpt} does not fit this config: way=20 (checkpoint: 5)", "its own way"],
     ),
     ("evaluate.py", ["ckpt={ckpt}", "backbone.channels=32"], ["backbone is not a config key"]),
+    ("evaluate.py", [], ["ckpt must be set, e.g. ckpt=<value>"]),
     ("load_checkpoint", ["{truncated}"], ["ckpt={truncated} cannot be read", "damaged"]),
     ("load_checkpoint", ["{foreign}"], ["ckpt={foreign} was not written by fewshot's train.py"]),
 ]
 
 
 @pytest.mark.parametrize(
-    "where, overrides, message", BAD_INPUTS, ids=[" ".join(c[1]) for c in BAD_INPUTS]
+    "where, overrides, message", BAD_INPUTS, ids=[f"{c[0]} {' '.join(c[1])}" for c in BAD_INPUTS]
 )
 def test_a_bad_input_is_one_clear_line(
     where, overrides, message, checkpoints, few_steps, run_script, tmp_path

@@ -52,6 +52,8 @@ def test_a_checkpoint_of_a_run_resumes_in_that_run_and_keeps_its_config(tmp_path
     (run / ".hydra" / "config.yaml").write_text("way: 5\n")
     assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == str(run)
     assert config_subdir(str(run)).startswith(".hydra/resumed_")
+    # An earlier state forks a new run: the run's later checkpoints and events are kept.
+    assert run_dir_of(str(run / "checkpoints" / "best.ckpt"), "outputs/new") == "outputs/new"
     loose = tmp_path / "elsewhere" / "model.ckpt"  # not inside a run: a new run directory
     assert run_dir_of(str(loose), "outputs/new") == "outputs/new"
 
