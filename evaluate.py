@@ -3,6 +3,7 @@ Several at once, into one table:  python evaluate.py run=<sweep folder> [episode
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,13 +13,25 @@ from fewshot.comparison import (
     evaluate_targets,
     result_path,
     targets_of,
+    task_suffix,
     write_evaluation_table,
     write_result_json,
 )
-from fewshot.errors import ConfigError, reported_as_one_line
+from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def run_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The run-config keys this evaluation may change (None: keep the run's own)."""
+    return {
+        "data.root": cfg.data.root,
+        "algo.inner_steps_test": cfg.algo.inner_steps_test,
+        "way": cfg.way,
+        "shot": cfg.shot,
+        "query": cfg.query,
+    }
 
 
 def as_list(value) -> list:
@@ -39,14 +52,14 @@ def main(cfg: DictConfig) -> float | None:
             evaluate_many(cfg, ckpts, runs)
             return None
         result = evaluate_checkpoint(
-            cfg.ckpt,
-            cfg.episodes,
-            cfg.seed,
-            cfg.data.root,
-            cfg.algo.inner_steps_test,
-            cfg.trainer.threads,
+            cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.trainer.threads
         )
-    output = Path(cfg.output) if cfg.output else result_path(Path(cfg.ckpt), cfg.episodes, cfg.seed)
+    task = task_suffix(cfg, result["protocol"])
+    output = (
+        Path(cfg.output)
+        if cfg.output
+        else result_path(Path(cfg.ckpt), cfg.episodes, cfg.seed, task)
+    )
     write_result_json(result, output)
     p = result["protocol"]
     print(
@@ -61,9 +74,7 @@ def evaluate_many(cfg: DictConfig, ckpts: list[str], runs: list[str]) -> None:
     """Evaluate every checkpoint once on the largest episode count; write and print the table."""
     counts = sorted(set(as_list(cfg.episodes)))
     targets = targets_of(ckpts, runs)
-    rows = evaluate_targets(
-        targets, counts, cfg.seed, cfg.data.root, cfg.algo.inner_steps_test, cfg.trainer.threads
-    )
+    rows = evaluate_targets(targets, counts, cfg.seed, run_overrides(cfg), cfg.trainer.threads)
     if cfg.output:
         table = Path(cfg.output)
     elif len(runs) == 1 and not ckpts:
@@ -75,4 +86,4 @@ def evaluate_many(cfg: DictConfig, ckpts: list[str], runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

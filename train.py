@@ -6,11 +6,16 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fewshot.build import build_datamodule, build_module, build_trainer, check_config
-from fewshot.errors import reported_as_one_line
+from fewshot.checkpointing import check_resumable, config_subdir, run_dir_of
+from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.sweep import recorded_job
+
+# Used in conf/train.yaml's hydra section: a resumed run continues in its own directory.
+OmegaConf.register_new_resolver("fewshot.run_dir_of", run_dir_of, replace=True)
+OmegaConf.register_new_resolver("fewshot.config_subdir", config_subdir, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -23,15 +28,16 @@ def main(cfg: DictConfig) -> float | None:
         if job.finished:
             return job.value
         check_config(cfg)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_module(cfg)  # a backbone that does not fit the images fails here
+        resume_step = check_resumable(cfg, module) if cfg.ckpt_path is not None else None
         datamodule = build_datamodule(cfg)
         datamodule.setup()  # data errors surface now, before any training
-        pl.seed_everything(cfg.seed, workers=True)
-        module = build_module(cfg)
-        trainer = build_trainer(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir, resume_step)
         trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
         job.completed(trainer.checkpoint_callback.best_model_score, trainer.global_step)
     return job.value
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

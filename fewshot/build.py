@@ -17,6 +17,7 @@ from fewshot.algorithms import ALGORITHMS
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
+from fewshot.divergence import StopOnNonFinite, divergence_hint
 from fewshot.errors import ConfigError
 from fewshot.module import EpisodicModule
 
@@ -101,15 +102,26 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """A Trainer that counts meta-iterations, keeps best and last checkpoints, logs to TensorBoard."""
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
+    """A Trainer that counts meta-iterations, keeps best and last checkpoints, logs to TensorBoard.
+
+    `resume_step`: the step of the checkpoint a run resumes from. TensorBoard then drops the
+    events the interrupted run logged after it, which the resumed run logs again.
+    """
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     set_threads(options.pop("threads"))
+    logger = TensorBoardLogger(
+        run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
+    )
     return pl.Trainer(
         **options,
         gradient_clip_val=cfg.algo.get("grad_clip"),
-        logger=TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False),
-        callbacks=[*checkpoint_callbacks(run_dir), TensorBoardViews()],
+        logger=logger,
+        callbacks=[
+            *checkpoint_callbacks(run_dir),
+            StopOnNonFinite(divergence_hint(cfg.algo)),
+            TensorBoardViews(),
+        ],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         # Validation adapts with gradients; under inference mode enable_grad could not undo it.

@@ -1,15 +1,29 @@
-"""Checkpoints: best on val/acc, the latest for resuming, each written whole or not at all."""
+"""Checkpoints: best on val/acc, the latest for resuming, each written whole or not at all;
+reading them back, and refusing one that does not fit the config before Lightning loads it."""
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
+from torch import nn
 
 from fewshot.data.files import atomic_path
+from fewshot.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+# What fixes the shapes of a model's parameters: a checkpoint fits a config only if these match.
+MODEL_KEYS = ("algo.name", "way", "data.channels", "data.image_size", "backbone")
+# Settings a resumed run may change without notice (how it runs, not what it learns).
+OPERATIONAL_KEYS = ("ckpt_path", "trainer", "data.root", "data.cache_dir", "data.download")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -20,11 +34,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-class LatestCheckpoint(Callback):
+class LatestCheckpoint(Checkpoint):
     """Keeps `last.ckpt` at the latest validation and at the end of training.
 
     Lightning's own `save_last` writes only when a new best is saved (Lightning >= 2.6), which
-    would resume a run from its best step instead of its last.
+    would resume a run from its best step instead of its last. Being a `Checkpoint`, Lightning
+    runs it after the callbacks listed before it, the best-model `ModelCheckpoint` included, so
+    the state it saves already holds this validation's best score.
     """
 
     def __init__(self, path: Path) -> None:
@@ -32,14 +48,20 @@ class LatestCheckpoint(Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         if trainer.global_step != self.saved_step and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
-            self.saved_step = trainer.global_step
+            self.saved_step = trainer.global_step  # first: the checkpoint records its own step
+            trainer.save_checkpoint(self.path, weights_only=False)  # all state: it resumes runs
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved_step": self.saved_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved_step = state_dict["saved_step"]
 
 
 def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
@@ -48,3 +70,132 @@ def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
         dirpath=folder, filename="best", monitor="val/acc", mode="max", enable_version_counter=False
     )
     return [best, LatestCheckpoint(folder / "last.ckpt")]
+
+
+def run_dir_of(ckpt_path: str | None, default: str) -> str:
+    """The run that `<run>/checkpoints/last.ckpt` belongs to, so that resuming continues the
+    run's own checkpoints and TensorBoard events; `default` for a fresh run, a checkpoint outside
+    a run directory, or an earlier one (best.ckpt), which starts a new run rather than overwrite
+    the later state of its own. Used as a resolver in hydra.run.dir."""
+    if ckpt_path is None:
+        return default
+    path = Path(ckpt_path).expanduser().absolute()
+    folder = path.parent
+    is_latest = path.name == "last.ckpt" and folder.name == "checkpoints"
+    return str(folder.parent) if is_latest and (folder.parent / ".hydra").is_dir() else default
+
+
+def config_subdir(run_dir: str) -> str:
+    """Where Hydra records this job's config: `.hydra`, or `.hydra/resumed_<time>` when the run
+    directory already has one, so that resuming keeps the original run's config and overrides.
+    Used as a resolver in hydra.output_subdir."""
+    if not (Path(run_dir) / ".hydra" / "config.yaml").is_file():
+        return ".hydra"
+    return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, dict[str, Any]]:
+    """The run config stored in a fewshot checkpoint, and the checkpoint itself; `key` is the
+    config key that named the file, for the error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} is not a file")
+    try:
+        # Our own Lightning checkpoint: it holds optimiser and loop state besides tensors.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{key}={path} cannot be read ({reason}): it is damaged or not a checkpoint"
+        ) from err
+    if not isinstance(checkpoint, dict) or "fewshot_config" not in checkpoint:
+        raise ConfigError(
+            f"{key}={path} was not written by fewshot's train.py (no run config in it)"
+        )
+    return OmegaConf.create(checkpoint["fewshot_config"]), checkpoint
+
+
+_COPY = object()  # an entry that copies another key (`num_classes: ${way}`)
+
+
+def _leaves(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Dotted key -> resolved value for each of `keys` and, for a group, each of its entries."""
+    leaves = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig):
+            for name in value:
+                copy = OmegaConf.is_interpolation(value, name)
+                leaves[f"{key}.{name}"] = _COPY if copy else value[name]
+        else:
+            leaves[key] = value
+    return leaves
+
+
+def _differences(cfg: DictConfig, stored: DictConfig, keys: tuple[str, ...]) -> list[str]:
+    """`key=value (checkpoint: value)` for each key whose value differs; an entry that copies
+    another key in `cfg` is left to that key."""
+    mine, theirs = _leaves(cfg, keys), _leaves(stored, keys)
+    return [
+        f"{key}={mine.get(key)} (checkpoint: {theirs.get(key)})"
+        for key in dict.fromkeys([*mine, *theirs])
+        if mine.get(key) is not _COPY and mine.get(key) != theirs.get(key)
+    ]
+
+
+def check_checkpoint_fits(
+    cfg: DictConfig, stored: DictConfig, key: str, path: str | Path, hint: str
+) -> None:
+    """Raise ConfigError if the model that `cfg` builds differs from the checkpoint's (way,
+    backbone, image size): caught here, the user gets the keys, not a state-dict size error."""
+    differences = _differences(cfg, stored, MODEL_KEYS)
+    if differences:
+        raise ConfigError(
+            f"{key}={path} does not fit this config: {', '.join(differences)}; {hint}"
+        )
+
+
+def check_state_fits(module: nn.Module, state_dict: dict[str, Any], key: str, path) -> None:
+    """Raise ConfigError naming the first parameter whose shape differs from the checkpoint's
+    (for what MODEL_KEYS do not cover, e.g. an algorithm's own meta-parameters)."""
+    own = module.state_dict()
+    for name in sorted(own.keys() | state_dict.keys()):
+        if name not in state_dict or name not in own:
+            where = "this config's model" if name in own else "the checkpoint"
+            raise ConfigError(f"{key}={path} does not fit this config: only {where} has {name}")
+        if own[name].shape != state_dict[name].shape:
+            raise ConfigError(
+                f"{key}={path} does not fit this config: {name} has shape "
+                f"{list(state_dict[name].shape)} in the checkpoint, {list(own[name].shape)} here"
+            )
+
+
+def _run_overrides(path: Path) -> str | None:
+    """The command-line overrides of the run that wrote the checkpoint at `path`, if recorded."""
+    recorded = path.absolute().parent.parent / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():
+        return None
+    overrides = OmegaConf.load(recorded)
+    return " ".join(o for o in overrides if not o.startswith(("ckpt_path=", "hydra.")))
+
+
+def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
+    """Refuse `ckpt_path` if it does not fit the model `cfg` builds; warn about other settings
+    that differ from the checkpoint's (the resumed run then differs from an uninterrupted one).
+    Returns the checkpoint's step."""
+    path = Path(cfg.ckpt_path)
+    stored, checkpoint = load_checkpoint(path, key="ckpt_path")
+    overrides = _run_overrides(path)
+    hint = (
+        f"resume with the run's own settings (its overrides: {overrides or 'none'})"
+        if overrides is not None
+        else "resume with the settings the checkpoint was trained with"
+    )
+    check_checkpoint_fits(cfg, stored, "ckpt_path", path, hint)
+    check_state_fits(module, checkpoint["state_dict"], "ckpt_path", path)
+    skip = OPERATIONAL_KEYS + MODEL_KEYS
+    keys = tuple(k for k in _leaves(cfg, tuple(cfg)) if not k.startswith(skip))
+    changed = _differences(cfg, stored, keys)
+    if changed:
+        log.warning("resuming %s with changed settings: %s", path, ", ".join(changed))
+    return checkpoint["global_step"]

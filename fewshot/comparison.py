@@ -4,7 +4,7 @@ in one table beside their overrides and validation accuracy."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,18 @@ def targets_of(ckpts: Sequence[str], runs: Sequence[str]) -> list[Target]:
     return targets
 
 
-def result_path(ckpt: Path, episodes: int, seed: int) -> Path:
-    """Where evaluate.py writes a checkpoint's result: `<run>/eval/<ckpt>_<n>ep_seed<seed>.json`."""
-    return ckpt.resolve().parent.parent / "eval" / f"{ckpt.stem}_{episodes}ep_seed{seed}.json"
+def result_path(ckpt: Path, episodes: int, seed: int, task: str = "") -> Path:
+    """Where evaluate.py writes a checkpoint's result: `<run>/eval/<ckpt><task>_<n>ep_seed<seed>.json`."""
+    name = f"{ckpt.stem}{task}_{episodes}ep_seed{seed}.json"
+    return ckpt.resolve().parent.parent / "eval" / name
+
+
+def task_suffix(overrides: Mapping[str, Any], protocol: Mapping[str, Any]) -> str:
+    """`_<way>w<shot>s<query>q` when way, shot or query differ from the run's own, else "":
+    a result on another task gets its own file instead of replacing the run's result."""
+    if all(overrides.get(key) is None for key in ("way", "shot", "query")):
+        return ""
+    return f"_{protocol['way']}w{protocol['shot']}s{protocol['query']}q"
 
 
 def write_result_json(result: dict[str, Any], path: Path) -> None:
@@ -57,8 +66,7 @@ def evaluate_targets(
     targets: Sequence[Target],
     counts: Sequence[int],
     seed: int,
-    data_root: str | None = None,
-    inner_steps_test: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per target: its results for every episode count (also written as the usual JSON
@@ -71,9 +79,10 @@ def evaluate_targets(
             why = f"failed: {recorded['error']}" if recorded.get("error") else "no best.ckpt"
             rows.append({**row, "results": {}, "status": why})
             continue
-        results = evaluate_prefixes(target.ckpt, counts, seed, data_root, inner_steps_test, threads)
+        results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads)
         for result in results:
-            write_result_json(result, result_path(target.ckpt, result["episodes"], seed))
+            task = task_suffix(overrides or {}, result["protocol"])
+            write_result_json(result, result_path(target.ckpt, result["episodes"], seed, task))
         rows.append({**row, "results": {r["episodes"]: r for r in results}, "status": "evaluated"})
     # Best validation accuracy first: runs are chosen on validation, never on test.
     best = [_first(r).get("val/acc_best") for r in rows]

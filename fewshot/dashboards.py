@@ -5,6 +5,7 @@ step, and one training episode as a labelled image."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
 # Final metrics shown beside the hyperparameters; their own tags, so that they do not add a
 # point to the training curves.
 HPARAM_METRICS = ("hp/val_acc_best", "hp/val_acc", "hp/train_loss")
 INNER_STEP_TAG = "val_inner_steps/acc_at_step_{step:07d}"  # x axis: inner step, 0 = before
+# The inner-step curves go to an event file of their own (TensorBoard run `<run>/inner_steps`):
+# their x axis is the inner step, which a resumed run's purge of steps >= its checkpoint's
+# step would otherwise cut from the main file.
+INNER_STEP_DIR = "inner_steps"
 EPISODE_TAG = "episode/train"
 
 
@@ -82,6 +88,7 @@ class TensorBoardViews(pl.Callback):
 
     def __init__(self) -> None:
         self.episode_logged = False
+        self.inner_step_writer: SummaryWriter | None = None
 
     @staticmethod
     def _logger(trainer: pl.Trainer) -> TensorBoardLogger | None:
@@ -104,16 +111,21 @@ class TensorBoardViews(pl.Callback):
         logger = self._logger(trainer)
         if logger is None or trainer.sanity_checking:
             return
+        if self.inner_step_writer is None:
+            self.inner_step_writer = SummaryWriter(Path(logger.log_dir) / INNER_STEP_DIR)
         metrics = trainer.callback_metrics
         step = 0
         while f"val/acc_step{step}" in metrics:
             value = metrics[f"val/acc_step{step}"].item()
-            logger.experiment.add_scalar(
+            self.inner_step_writer.add_scalar(
                 INNER_STEP_TAG.format(step=trainer.global_step), value, step
             )
             step += 1
+        self.inner_step_writer.flush()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.inner_step_writer is not None:
+            self.inner_step_writer.close()
         logger = self._logger(trainer)
         if logger is None:
             return

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 log = logging.getLogger("fewshot")
 
@@ -18,12 +23,79 @@ class DataError(OSError):
     """Data missing (the message says how to get it) or unreadable (the message names the file)."""
 
 
+class TrainingDiverged(ArithmeticError):
+    """The loss or a gradient became non-finite; the message names the step and the checkpoint."""
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingDiverged)
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """`err` or the error it wraps (hydra.utils.instantiate wraps a backbone's ConfigError)."""
+    while err is not None:
+        if isinstance(err, USER_ERRORS):
+            return err
+        if isinstance(err, MissingMandatoryValue):  # a `???` the command line did not set
+            return ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=<value>")
+        err = err.__cause__
+    return None
+
+
 @contextmanager
 def reported_as_one_line() -> Iterator[None]:
     """Turn a user error into a one-line message on stderr and exit status 2."""
     try:
         yield
-    except (ConfigError, DataError) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        log.error("%s", user_error)
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def hydra_error_line(err: HydraException) -> str:
+    """One line for an error Hydra raises while composing the config from the command line."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group, _, option = err.missing_cfg_file.rpartition("/")
+        choices = f"; choose one of: {', '.join(err.options)}" if err.options else ""
+        return f"{group}={option} is not an option of the config group '{group}'{choices}"
+    if isinstance(err, OverrideParseException):
+        reason = err.message.splitlines()[0]
+        return (
+            f"cannot parse the override {err.override!r} ({reason}); see "
+            "https://hydra.cc/docs/advanced/override_grammar/basic/"
+        )
+    cause = err.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and full_key and "not in struct" in str(cause):
+        parent, _, _ = full_key.rpartition(".")
+        keys = [k for k in (cause.parent_node or {}) if k != "hydra"]
+        return (
+            f"{full_key} is not a config key ({parent or 'the top level'} has: "
+            f"{', '.join(map(str, keys))})"
+        )
+    # Anything else: Hydra's own text, less the config search path it lists after the message.
+    lines = str(err).split("Config search path:")[0].splitlines()
+    return "; ".join(line.strip() for line in lines if line.strip())
+
+
+def run_entry_point(main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` function; an unknown option, key or override syntax is one line on
+    stderr and exit status 2, as our own config errors are, instead of Hydra's report."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's full report
+        main()
+        return
+    # Hydra prints its report and exits unless this is set; with it, its errors reach us.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except HydraException as err:
+        user_error = _user_error(err)
+        line = str(user_error) if user_error is not None else hydra_error_line(err)
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fewshot.build import build_datamodule, build_module, check_config, set_threads
+from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.errors import ConfigError
 
 
@@ -42,59 +43,48 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def load_checkpoint(path: str | Path) -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a fewshot checkpoint, and the checkpoint itself."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path} is not a file")
-    # Our own Lightning checkpoint: it holds optimiser and loop state besides tensors.
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "fewshot_config" not in checkpoint:
-        raise ConfigError(
-            f"ckpt={path} was not written by fewshot's train.py (no run config in it)"
-        )
-    return OmegaConf.create(checkpoint["fewshot_config"]), checkpoint
-
-
 def evaluate_checkpoint(
     ckpt: str | Path,
     episodes: int,
     seed: int,
-    data_root: str | None = None,
-    inner_steps_test: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on `episodes` fixed meta-test episodes drawn with `seed`."""
-    return evaluate_prefixes(ckpt, [episodes], seed, data_root, inner_steps_test, threads)[0]
+    return evaluate_prefixes(ckpt, [episodes], seed, overrides, threads)[0]
 
 
 def evaluate_prefixes(
     ckpt: str | Path,
     counts: Sequence[int],
     seed: int,
-    data_root: str | None = None,
-    inner_steps_test: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     threads: int | None = None,
 ) -> list[dict[str, Any]]:
     """Results on the first n fixed meta-test episodes for each n in `counts`, from one pass
     over max(counts) episodes: episode i does not depend on how many are drawn, so each is the
-    result of evaluating n episodes alone."""
-    cfg, checkpoint = load_checkpoint(ckpt)
+    result of evaluating n episodes alone.
+
+    `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
+    `way`, `shot`, `query`) to new values; None keeps the run's own.
+    """
+    stored, checkpoint = load_checkpoint(ckpt)
+    cfg = stored.copy()
     cfg.seed = seed
-    if data_root is not None:
-        cfg.data.root = data_root
-    if inner_steps_test is not None:
-        cfg.algo.inner_steps_test = inner_steps_test
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            OmegaConf.update(cfg, key, value)
     check_config(cfg)
+    check_checkpoint_fits(
+        cfg, stored, "ckpt", ckpt, "evaluate.py scores a checkpoint on its own way and backbone"
+    )
     for n in counts:
         if not isinstance(n, int) or isinstance(n, bool) or n < 2:
             raise ConfigError(f"episodes={n!r} is out of range: expected an integer >= 2")
     set_threads(threads)
     module = build_module(cfg)
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        raise ConfigError(f"ckpt={ckpt} does not fit its run config: {err}") from err
+    check_state_fits(module, checkpoint["state_dict"], "ckpt", ckpt)
+    module.load_state_dict(checkpoint["state_dict"])
     datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(

@@ -62,13 +62,14 @@ def run_script(script: str, *overrides: str, expect_ok: bool = True):
 
 @pytest.fixture(scope="session")
 def quick_overrides(omniglot_root, omniglot_cache) -> list[str]:
-    """Overrides for two cheap meta-steps on the real data."""
+    """train.py overrides for a few cheap meta-steps on the real data, logging every step."""
     return [
         f"data.root={omniglot_root}",
         f"data.cache_dir={omniglot_cache}",
         "algo.meta_batch_size=2",
-        "trainer.max_steps=2",
+        "trainer.max_steps=4",
         "trainer.val_check_interval=2",
+        "trainer.log_every_n_steps=1",
         "val_episodes=4",
         "trainer.threads=1",
         "trainer.enable_progress_bar=false",

@@ -8,7 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fewshot.dashboards import INNER_STEP_TAG, episode_grid, flat_hparams
+from fewshot.dashboards import INNER_STEP_DIR, INNER_STEP_TAG, episode_grid, flat_hparams
 from fewshot.sweep import read_result
 
 
@@ -67,7 +67,7 @@ def test_each_run_logs_its_hyperparameters_with_its_final_metrics(completed_runs
         assert hparams["data.name"].string_value == "omniglot"
         best = events.Scalars("hp/val_acc_best")
         assert best[-1].value == pytest.approx(read_result(run)["val/acc"])
-        assert best[-1].step == 2
+        assert best[-1].step == 4
 
 
 def test_a_sweep_shows_one_hparams_session_per_completed_job(completed_runs):
@@ -83,7 +83,9 @@ def test_validation_accuracy_is_logged_against_the_inner_step(completed_runs):
     _, runs = completed_runs
     events = EventAccumulator(str(runs[0] / "tensorboard"))
     events.Reload()
-    curve = events.Scalars(INNER_STEP_TAG.format(step=2))  # the validation after 2 meta-steps
+    curves = EventAccumulator(str(runs[0] / "tensorboard" / INNER_STEP_DIR))
+    curves.Reload()
+    curve = curves.Scalars(INNER_STEP_TAG.format(step=4))  # the validation after 4 meta-steps
     assert [e.step for e in curve] == [0, 1, 2, 3]  # before adaptation, then 3 test-time steps
     per_step = [events.Scalars(f"val/acc_step{k}")[-1].value for k in range(4)]
     assert [e.value for e in curve] == pytest.approx(per_step)

@@ -1,51 +1,18 @@
 """train.py and evaluate.py run end to end on the real Omniglot zips, as a user runs them."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run(script: str, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, script, *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if expect_ok:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+from tests.conftest import run_script
 
 
 @pytest.fixture(scope="module")
-def quick(omniglot_root, omniglot_cache):
-    """Overrides for a few cheap meta-steps on the real data."""
-    return [
-        f"data.root={omniglot_root}",
-        f"data.cache_dir={omniglot_cache}",
-        "algo.meta_batch_size=2",
-        "trainer.max_steps=4",
-        "trainer.val_check_interval=2",
-        "val_episodes=4",
-        "trainer.threads=1",
-        "trainer.enable_progress_bar=false",
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained_run(quick, tmp_path_factory) -> Path:
+def trained_run(quick_overrides, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
-    run("train.py", *quick, f"hydra.run.dir={run_dir}")
+    run_script("train.py", *quick_overrides, f"hydra.run.dir={run_dir}")
     return run_dir
 
 
@@ -55,13 +22,16 @@ def test_training_writes_best_and_last_checkpoints_and_tensorboard_events(traine
         trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     assert last["global_step"] == 4
+    # last.ckpt is written after the best-model callback: a resumed run remembers its best
+    (best_state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert best_state["best_model_score"] is not None
     assert last["fewshot_config"]["way"] == 5
     assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_evaluate_reports_accuracy_ci_and_protocol_as_json(trained_run, tmp_path):
     out = tmp_path / "result.json"
-    proc = run(
+    proc = run_script(
         "evaluate.py", f"ckpt={trained_run}/checkpoints/best.ckpt", "episodes=10", f"output={out}"
     )
     result = json.loads(out.read_text())
@@ -75,7 +45,7 @@ def test_evaluation_uses_the_same_episodes_for_the_same_seed(trained_run, tmp_pa
     results = []
     for name in ("a", "b"):
         out = tmp_path / f"{name}.json"
-        run(
+        run_script(
             "evaluate.py",
             f"ckpt={trained_run}/checkpoints/last.ckpt",
             "episodes=6",
@@ -85,10 +55,12 @@ def test_evaluation_uses_the_same_episodes_for_the_same_seed(trained_run, tmp_pa
     assert results[0] == results[1]
 
 
-def test_training_resumes_from_a_checkpoint_with_its_step_count(trained_run, quick, tmp_path):
-    run(
+def test_training_resumes_from_a_checkpoint_with_its_step_count(
+    trained_run, quick_overrides, tmp_path
+):
+    run_script(
         "train.py",
-        *quick,
+        *quick_overrides,
         f"ckpt_path={trained_run}/checkpoints/last.ckpt",
         "trainer.max_steps=6",
         f"hydra.run.dir={tmp_path}",
@@ -99,15 +71,19 @@ def test_training_resumes_from_a_checkpoint_with_its_step_count(trained_run, qui
     assert last["global_step"] == 6
 
 
-def test_multirun_gives_each_job_its_own_directory(quick, tmp_path):
-    run("train.py", "-m", *quick, "algo.meta_lr=1e-3,1e-4", f"hydra.sweep.dir={tmp_path}")
+def test_multirun_gives_each_job_its_own_directory(quick_overrides, tmp_path):
+    run_script(
+        "train.py", "-m", *quick_overrides, "algo.meta_lr=1e-3,1e-4", f"hydra.sweep.dir={tmp_path}"
+    )
     for job in ("0", "1"):
         assert (tmp_path / job / "checkpoints" / "best.ckpt").is_file()
         assert list((tmp_path / job / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_a_bad_value_is_one_line_naming_the_key_not_a_traceback(quick, tmp_path):
-    proc = run("train.py", *quick, "way=1", f"hydra.run.dir={tmp_path}", expect_ok=False)
+def test_a_bad_value_is_one_line_naming_the_key_not_a_traceback(quick_overrides, tmp_path):
+    proc = run_script(
+        "train.py", *quick_overrides, "way=1", f"hydra.run.dir={tmp_path}", expect_ok=False
+    )
     assert proc.returncode == 2
     assert "error: way=1 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -44,7 +44,10 @@ class EpisodeDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = load_splits(self.data)
-            for split, classes in self.splits.items():
+            # Smallest first: the error then names the limit that binds.
+            for split, classes in sorted(
+                self.splits.items(), key=lambda item: (item[1].num_classes, item[1].per_class)
+            ):
                 check_episode_fits(classes, split, self.way, self.shot, self.query)
 
     def train_dataloader(self) -> DataLoader:
@@ -76,12 +79,14 @@ class EpisodeDataModule(pl.LightningDataModule):
 
 
 def check_episode_fits(classes: ClassImages, split: str, way: int, shot: int, query: int) -> None:
+    """Raise ConfigError unless the split has `way` classes and `shot + query` images in each."""
     if way > classes.num_classes:
         raise ConfigError(
-            f"way={way} is more than the {classes.num_classes} classes of the meta-{split} split"
+            f"way={way} is out of range: expected 2..{classes.num_classes} "
+            f"(the meta-{split} split has {classes.num_classes} classes)"
         )
     if shot + query > classes.per_class:
         raise ConfigError(
-            f"shot + query = {shot + query} is more than the {classes.per_class} images per "
-            f"class of the meta-{split} split; lower shot or query"
+            f"shot + query = {shot} + {query} is out of range: expected at most "
+            f"{classes.per_class}, the images per class of the meta-{split} split; lower shot or query"
         )

@@ -8,13 +8,14 @@ import logging
 import os
 import stat
 import zipfile
+import zlib
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import atomic_path, download
+from fewshot.data.files import download, load_cache, save_cache
 from fewshot.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,21 @@ def _sources(root: Path, download_missing: bool) -> dict[str, Path]:
 def _read_pngs(source: Path) -> dict[str, bytes]:
     """'part/Alphabet/characterNN/XXXX_YY.png' -> PNG bytes, from a zip or an extracted folder."""
     if source.is_dir():
-        base = source.parent
-        return {p.relative_to(base).as_posix(): p.read_bytes() for p in source.rglob("*.png")}
-    with zipfile.ZipFile(source) as archive:
-        return {n: archive.read(n) for n in archive.namelist() if n.endswith(".png")}
+        pngs = {}
+        for path in source.rglob("*.png"):
+            try:
+                pngs[path.relative_to(source.parent).as_posix()] = path.read_bytes()
+            except OSError as err:
+                raise DataError(f"cannot read Omniglot image {path}: {err}") from err
+        return pngs
+    try:
+        with zipfile.ZipFile(source) as archive:
+            return {n: archive.read(n) for n in archive.namelist() if n.endswith(".png")}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise DataError(
+            f"cannot read the Omniglot archive {source} ({err}): it is damaged or incomplete; "
+            "replace it, or delete it and set data.download=true to fetch it again"
+        ) from err
 
 
 def _decode(png: bytes, image_size: int) -> torch.Tensor:
@@ -102,7 +114,7 @@ def _decode_all(sources: dict[str, Path], image_size: int) -> ClassImages:
 
 
 def _cache_path(root: Path, cache_dir: str | None, image_size: int) -> Path:
-    name = f"omniglot_{image_size}px.pt"
+    name = f"omniglot_{image_size}px_v2.pt"  # v2: stored with a checksum (files.save_cache)
     if cache_dir is not None:
         return Path(cache_dir) / name
     # The folder's own permission bits decide, not os.access: root may write anywhere, but a
@@ -119,19 +131,15 @@ def load_omniglot(
     """All 1623 characters as uint8 images [1623, 20, 1, S, S], decoded once and then cached."""
     root = Path(root).expanduser()
     cache = _cache_path(root, cache_dir, image_size)
-    if cache.is_file():
-        try:
-            data = torch.load(cache, weights_only=True)
-            return ClassImages(data["images"], list(data["names"]))
-        except Exception as err:  # a damaged cache is rebuilt, never trusted
-            log.warning("rebuilding damaged cache %s (%s)", cache, err)
+    cached = load_cache(cache)
+    if cached is not None:
+        return ClassImages(cached["images"], list(cached["names"]))
     if not root.is_dir() and not download:
         raise DataError(missing_data_message(root))
     root.mkdir(parents=True, exist_ok=True)
     log.info("decoding Omniglot from %s (once; cached at %s)", root, cache)
     data = _decode_all(_sources(root, download), image_size)
-    with atomic_path(cache) as tmp:
-        torch.save({"images": data.images, "names": data.names}, tmp)
+    save_cache(cache, {"images": data.images, "names": data.names})
     return data
 
 

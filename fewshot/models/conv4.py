@@ -13,6 +13,18 @@ def conv_output_size(size: int, padding: int, stride: int, pool: bool) -> int:
     return size // 2 if pool else size
 
 
+def smallest_image_size(blocks: int, padding: int, stride: int, pool: bool) -> int:
+    """The smallest image side that leaves every block a spatial size of at least 1."""
+    size = 1
+    while True:
+        side = size
+        for _ in range(blocks):
+            side = conv_output_size(side, padding, stride, pool)
+        if side >= 1:
+            return size
+        size += 1
+
+
 class Conv4(nn.Module):
     """`blocks` x (conv 3x3 -> BatchNorm -> ReLU -> [2x2 max-pool]) -> linear to `num_classes`.
 
@@ -40,10 +52,14 @@ class Conv4(nn.Module):
         for block in range(1, blocks + 1):
             size = conv_output_size(size, padding, stride, pool)
             if size < 1:
+                smallest = smallest_image_size(blocks, padding, stride, pool)
+                other = ["backbone.stride=1"] * (stride > 1) + ["backbone.pool=false"] * pool
                 raise ConfigError(
                     f"backbone: block {block} of {blocks} leaves no spatial size for "
                     f"data.image_size={image_size} (backbone.padding={padding}, "
-                    f"backbone.stride={stride}, backbone.pool={pool})"
+                    f"backbone.stride={stride}, backbone.pool={pool}): expected "
+                    f"data.image_size >= {smallest} with these"
+                    + "".join(f", or {o}" for o in other)
                 )
             layers += [
                 nn.Conv2d(width, channels, 3, stride=stride, padding=padding),

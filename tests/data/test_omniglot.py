@@ -79,14 +79,32 @@ def test_extracted_folders_decode_like_the_zips(small_omniglot, tmp_path):
     assert a.names == b.names and torch.equal(a.images, b.images)
 
 
-def test_damaged_cache_is_rebuilt(small_omniglot, tmp_path):
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def flipped(data: bytes) -> bytes:
+    """The same size, a few bytes inverted in the middle (inside the image tensor's bytes)."""
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 4]) + data[middle + 4 :]
+
+
+@pytest.mark.parametrize(
+    "damage, noticed",
+    [(truncated, "it cannot be read"), (flipped, "its contents do not match their checksum")],
+)
+def test_damaged_cache_is_detected_and_rebuilt(small_omniglot, tmp_path, caplog, damage, noticed):
     zipped, _ = small_omniglot
     cache = tmp_path / "cache"
     good = og.load_omniglot(zipped, 20, download=False, cache_dir=str(cache))
-    path = cache / "omniglot_20px.pt"
-    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write
+    (path,) = cache.glob("omniglot_20px*.pt")
+    path.write_bytes(damage(path.read_bytes()))
     again = og.load_omniglot(zipped, 20, download=False, cache_dir=str(cache))
-    assert torch.equal(good.images, again.images)
+    assert f"rebuilding cache {path}: {noticed}" in caplog.text
+    assert torch.equal(good.images, again.images) and good.names == again.names
+    caplog.clear()
+    og.load_omniglot(zipped, 20, download=False, cache_dir=str(cache))
+    assert "rebuilding" not in caplog.text  # the rebuilt cache is sound
 
 
 def test_read_only_data_folder_gets_its_cache_elsewhere(small_omniglot, tmp_path, monkeypatch):
@@ -98,7 +116,7 @@ def test_read_only_data_folder_gets_its_cache_elsewhere(small_omniglot, tmp_path
     finally:
         zipped.chmod(0o755)
     assert not list(zipped.glob("*.pt"))
-    assert list((tmp_path / "home" / ".cache" / "fewshot").rglob("omniglot_20px.pt"))
+    assert list((tmp_path / "home" / ".cache" / "fewshot").rglob("omniglot_20px*.pt"))
 
 
 def test_missing_data_without_download_says_where_to_put_it(tmp_path):
@@ -106,9 +124,18 @@ def test_missing_data_without_download_says_where_to_put_it(tmp_path):
         og.load_omniglot(tmp_path / "nowhere", 28, download=False, cache_dir=str(tmp_path))
 
 
-def test_unreadable_image_is_named(small_omniglot, tmp_path):
+@pytest.mark.parametrize("damage", [lambda png: b"not a png", truncated, flipped])
+def test_unreadable_or_truncated_image_is_named(small_omniglot, tmp_path, damage):
     _, extracted = small_omniglot
     victim = sorted(extracted.rglob("*.png"))[5]
-    victim.write_bytes(b"not a png")
-    with pytest.raises(DataError, match=victim.name):
+    victim.write_bytes(damage(victim.read_bytes()))
+    with pytest.raises(DataError, match=f"cannot read Omniglot image .*{victim.name}"):
         og.load_omniglot(extracted, 20, download=False, cache_dir=str(tmp_path / "c"))
+
+
+def test_truncated_archive_is_named_with_what_to_do(small_omniglot, tmp_path):
+    zipped, _ = small_omniglot
+    archive = zipped / "images_evaluation.zip"
+    archive.write_bytes(truncated(archive.read_bytes()))
+    with pytest.raises(DataError, match=f"{archive}.*damaged or incomplete.*data.download=true"):
+        og.load_omniglot(zipped, 20, download=False, cache_dir=str(tmp_path / "c"))

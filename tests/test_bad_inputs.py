@@ -1,0 +1,149 @@
+"""Every bad input is refused before any work with one line naming the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+
+from fewshot.build import build_datamodule, build_module, check_config
+from fewshot.checkpointing import check_resumable, load_checkpoint
+from fewshot.errors import ConfigError, DataError, hydra_error_line
+from tests.conftest import run_script
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
+    """A real 5-way conv4 checkpoint, a truncated copy, and a Lightning-less torch file."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run_script("train.py", *quick_overrides, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
+    good = run_dir / "checkpoints" / "last.ckpt"
+    truncated = run_dir / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    foreign = run_dir / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    return {"ckpt": good, "truncated": truncated, "foreign": foreign, "absent": run_dir / "no.ckpt"}
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def user_error(check, *args) -> str:
+    with pytest.raises((ConfigError, DataError)) as caught:
+        check(*args)
+    return str(caught.value)
+
+
+def composition_error(overrides: list[str]) -> str:
+    """The line the entry points print for overrides Hydra cannot compose."""
+    with pytest.raises(HydraException) as caught:
+        compose_train(*overrides)
+    return hydra_error_line(caught.value)
+
+
+# The checks train.py and evaluate.py run, one by one, on train.py's config; the entry points
+# themselves run as subprocesses. Each case below runs one of them; together with the
+# entry-point cases they cover every path by which a bad input reaches the user.
+CHECKS = {
+    "compose": composition_error,
+    "check_config": lambda o: user_error(check_config, compose_train(*o)),
+    "data": lambda o: user_error(lambda: build_datamodule(compose_train(*o)).setup()),
+    "resume": lambda o: user_error(
+        lambda cfg: check_resumable(cfg, build_module(cfg)), compose_train(*o)
+    ),
+    "load_checkpoint": lambda o: user_error(load_checkpoint, *o),
+}
+
+# (where, overrides, what the one line must say); {ckpt}, {truncated}, {foreign}, {absent},
+# {tmp} are filled in per run.
+BAD_INPUTS = [
+    ("train.py", ["algo=nope"], ["algo=nope is not an option", "choose one of: maml"]),
+    ("compose", ["data=nope"], ["data=nope is not an option", "choose one of: omniglot"]),
+    ("compose", ["backbone=resnet"], ["backbone=resnet is not an option", "conv4"]),
+    (
+        "compose",
+        ["experiment=maml_omniglot_5w1S"],
+        ["experiment=maml_omniglot_5w1S is not an option", "maml_omniglot_5w1s"],
+    ),
+    ("compose", ["algo.base_rate=0.1"], ["algo.base_rate is not a config key", "base_lr"]),
+    ("compose", ["way=[1,"], ["cannot parse the override 'way=[1,'"]),
+    ("train.py", ["way=1"], ["way=1 is out of range: expected an integer >= 2"]),
+    ("data", ["way=200"], ["way=200 is out of range: expected 2..160", "meta-val split"]),
+    ("check_config", ["shot=0"], ["shot=0 is out of range: expected an integer >= 1"]),
+    ("check_config", ["query=0"], ["query=0 is out of range: expected an integer >= 1"]),
+    (
+        "data",
+        ["shot=10"],
+        ["shot + query = 10 + 15 is out of range: expected at most 20", "lower shot or query"],
+    ),
+    ("check_config", ["algo.meta_lr=0"], ["algo.meta_lr=0 is out of range: expected a number > 0"]),
+    ("check_config", ["algo.base_lr=-0.1"], ["algo.base_lr=-0.1 is out of range", "> 0"]),
+    ("check_config", ["algo.inner_steps=0"], ["algo.inner_steps=0 is out of range", ">= 1"]),
+    ("check_config", ["algo.inner_steps_test=0"], ["algo.inner_steps_test=0", ">= 1"]),
+    ("check_config", ["trainer.max_steps=0"], ["trainer.max_steps=0 is out of range", ">= 1"]),
+    ("check_config", ["trainer.val_check_interval=0"], ["trainer.val_check_interval=0", ">= 1"]),
+    ("check_config", ["algo.meta_batch_size=0"], ["algo.meta_batch_size=0", ">= 1"]),
+    (
+        "train.py",
+        ["backbone.stride=2"],
+        [
+            "backbone: block 3 of 4 leaves no spatial size for data.image_size=28",
+            "expected data.image_size >= 171 with these, or backbone.stride=1",
+        ],
+    ),
+    (
+        "data",
+        ["data.root={tmp}/nowhere", "data.download=false", "data.cache_dir={tmp}/cache"],
+        ["Omniglot not found under data.root=", "images_background.zip", "data.download=true"],
+    ),
+    (
+        "train.py",
+        ["ckpt_path={ckpt}", "way=20"],
+        ["ckpt_path={ckpt} does not fit this config: way=20 (checkpoint: 5)", "its overrides"],
+    ),
+    (
+        "resume",
+        ["ckpt_path={ckpt}", "backbone.channels=32"],
+        ["does not fit this config: backbone.channels=32 (checkpoint: 64)"],
+    ),
+    ("resume", ["ckpt_path={absent}"], ["ckpt_path={absent} is not a file"]),
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "way=20"],
+        ["ckpt={ckpt} does not fit this config: way=20 (checkpoint: 5)", "its own way"],
+    ),
+    ("evaluate.py", ["ckpt={ckpt}", "backbone.channels=32"], ["backbone is not a config key"]),
+    ("evaluate.py", [], ["give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>"]),
+    ("load_checkpoint", ["{truncated}"], ["ckpt={truncated} cannot be read", "damaged"]),
+    ("load_checkpoint", ["{foreign}"], ["ckpt={foreign} was not written by fewshot's train.py"]),
+]
+
+
+@pytest.mark.parametrize(
+    "where, overrides, message", BAD_INPUTS, ids=[f"{c[0]} {' '.join(c[1])}" for c in BAD_INPUTS]
+)
+def test_a_bad_input_is_one_clear_line(
+    where, overrides, message, checkpoints, quick_overrides, tmp_path
+):
+    fill = {**{name: str(path) for name, path in checkpoints.items()}, "tmp": str(tmp_path)}
+    overrides = [o.format(**fill) for o in overrides]
+    message = [m.format(**fill) for m in message]
+    if where in CHECKS:
+        line = CHECKS[where](
+            quick_overrides + overrides if where != "load_checkpoint" else overrides
+        )
+    else:
+        base = quick_overrides if where == "train.py" else ["trainer.threads=1"]
+        proc = run_script(where, *base, *overrides, f"hydra.run.dir={tmp_path}", expect_ok=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        line = line.removeprefix("error: ")
+    assert "\n" not in line
+    for fragment in message:
+        assert fragment in line

@@ -1,0 +1,77 @@
+"""Checkpoints are written whole, hold everything a resume needs, and find their run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning_fabric.plugins.io import torch_io
+
+from fewshot.algorithms import ALGORITHMS
+from fewshot.build import build_module, build_trainer
+from fewshot.checkpointing import AtomicCheckpointIO, config_subdir, run_dir_of
+from fewshot.data.episodes import MetaBatchStream
+from fewshot.data.omniglot import omniglot_splits
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path):
+    trainer = build_trainer(compose_train("trainer.enable_progress_bar=false"), tmp_path)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_checkpoint_write_that_crashes_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, path)
+
+    def crash_half_way(checkpoint, filepath):
+        filepath.write_bytes(path.read_bytes()[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_checkpoint_of_a_run_resumes_in_that_run_and_keeps_its_config(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    assert run_dir_of(None, "outputs/new") == "outputs/new"
+    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == "outputs/new"
+    assert config_subdir(str(run)) == ".hydra"
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("way: 5\n")
+    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == str(run)
+    assert config_subdir(str(run)).startswith(".hydra/resumed_")
+    # An earlier state forks a new run: the run's later checkpoints and events are kept.
+    assert run_dir_of(str(run / "checkpoints" / "best.ckpt"), "outputs/new") == "outputs/new"
+    loose = tmp_path / "elsewhere" / "model.ckpt"  # not inside a run: a new run directory
+    assert run_dir_of(str(loose), "outputs/new") == "outputs/new"
+
+
+@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+def test_a_training_step_draws_no_global_random_numbers(algo, omniglot):
+    """Why a checkpoint needs no RNG state to resume exactly: a step's meta-loss and
+    meta-gradient depend only on the weights and the batch, which is a function of (seed, step)."""
+    cfg = compose_train(f"algo={algo}", "algo.meta_batch_size=2")
+    module = build_module(cfg)
+    classes = omniglot_splits(omniglot, cfg.data.split)["train"]
+    stream = MetaBatchStream(classes, cfg.way, cfg.shot, cfg.query, 2, cfg.seed, start=3)
+    batch = module.on_after_batch_transfer(stream.batch(3), 0)
+    outcomes = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        module.zero_grad()
+        loss = module.algorithm(batch, training=True).loss
+        loss.backward()
+        outcomes.append([loss.detach(), *(p.grad.clone() for p in module.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*outcomes))

@@ -1,0 +1,54 @@
+"""A diverging run stops with one line naming the step and the last good checkpoint."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fewshot.checkpointing import LatestCheckpoint
+from fewshot.divergence import StopOnNonFinite, divergence_hint
+from fewshot.errors import TrainingDiverged
+from tests.conftest import run_script
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(quick_overrides, tmp_path):
+    # Adam's first step at this meta-lr sends the weights to ~1e30: the next meta-loss is NaN.
+    proc = run_script(
+        "train.py",
+        *quick_overrides,
+        "algo.meta_lr=1e30",
+        "trainer.val_check_interval=1",
+        f"hydra.run.dir={tmp_path}",
+        expect_ok=False,
+    )
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: training diverged at step 2: the meta-loss is nan; last good checkpoint: "
+        f"{last} (step 1); lower algo.base_lr=0.4 or algo.meta_lr=1e+30, "
+        "or set algo.first_order=true"
+    ]
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 1
+    tensors = [*checkpoint["state_dict"].values()]
+    tensors += [t for s in checkpoint["optimizer_states"][0]["state"].values() for t in s.values()]
+    assert all(torch.isfinite(t).all() for t in tensors)
+
+
+def test_a_non_finite_gradient_is_caught_before_the_optimiser_step(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.tensor([[0.0, float("inf")], [0.0, 0.0]])
+    model.bias.grad = torch.zeros(2)
+    latest = LatestCheckpoint(tmp_path / "last.ckpt")
+    trainer = SimpleNamespace(global_step=7, callbacks=[latest])
+    guard = StopOnNonFinite(divergence_hint(OmegaConf.create({"meta_lr": 1e-3})))
+    with pytest.raises(TrainingDiverged) as caught:
+        guard.on_before_optimizer_step(trainer, model, optimizer=None)
+    assert str(caught.value) == (
+        "training diverged at step 8: the meta-gradient of weight is not finite; "
+        "no checkpoint was written before it; lower algo.meta_lr=0.001"
+    )
+    model.weight.grad.zero_()
+    guard.on_before_optimizer_step(trainer, model, optimizer=None)  # finite: no complaint

@@ -1,0 +1,91 @@
+"""A run killed with SIGKILL resumes from last.ckpt, in its own directory, exactly."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.conftest import run_script
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run: tag -> [(step, value)] over all event files."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def checkpoint_step(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+
+def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
+    """SIGKILL `proc` once last.ckpt exists and the run has logged a step past it; return the
+    step of the checkpoint it leaves."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300  # a guard against hanging, not a measurement
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            step = checkpoint_step(last)
+            logged = scalars(run_dir).get("train/loss", []) if step is not None else []
+            if logged and max(s for s, _ in logged) >= step:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return checkpoint_step(last)
+
+
+def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(quick_overrides, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_script(
+        "train.py", *quick_overrides, f"trainer.max_steps={STEPS}", f"hydra.run.dir={reference}"
+    )
+
+    # The same run with no end in sight, killed without warning after its first checkpoint.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *quick_overrides,
+            "trainer.max_steps=1000",
+            f"hydra.run.dir={killed}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert kill_after_a_checkpoint(proc, killed) < STEPS
+
+    # No hydra.run.dir: the resumed run finds its directory from the checkpoint's path.
+    run_script(
+        "train.py",
+        *quick_overrides,
+        f"trainer.max_steps={STEPS}",
+        f"ckpt_path={killed}/checkpoints/last.ckpt",
+    )
+    assert checkpoint_step(killed / "checkpoints" / "last.ckpt") == STEPS
+    assert len(list((killed / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    # Optimiser state, sampler position and weights carried over: every logged value, before
+    # and after the kill, equals the uninterrupted run's, and no step is logged twice.
+    got, want = scalars(killed), scalars(reference)
+    assert set(want) >= {"train/loss", "val/acc"}
+    assert got == want
+    # The original run's config is kept; the resume records its own beside it.
+    assert "trainer.max_steps=1000" in (killed / ".hydra" / "overrides.yaml").read_text()
+    assert list((killed / ".hydra").glob("resumed_*/overrides.yaml"))
