@@ -7,6 +7,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from fewshot.algorithms import ALGORITHMS
 from fewshot.data.files import atomic_path
 from fewshot.errors import reported_as_one_line
 from fewshot.evaluation import evaluate_checkpoint
@@ -32,10 +33,11 @@ def main(cfg: DictConfig) -> float:
     with atomic_path(output) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     p = result["protocol"]
+    inner_loop = " ".join(f"{k}={p[k]}" for k in ALGORITHMS[p["algorithm"]].test_keys)
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
         f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
-        f"{p['inner_steps_test']} inner steps, {p['batch_norm']} batch norm) -> {output}"
+        f"{p['algorithm']} {inner_loop}, {p['batch_norm']} batch norm) -> {output}"
     )
     return result["test/acc"]
 

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fewshot.algorithms import ALGORITHMS
 from fewshot.build import build_datamodule, build_module, check_config, set_threads
 from fewshot.errors import ConfigError
 
@@ -33,7 +34,7 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "shot": cfg.shot,
         "query": cfg.query,
         "algorithm": cfg.algo.name,
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        **{key: cfg.algo[key] for key in ALGORITHMS[cfg.algo.name].test_keys},
         "batch_norm": cfg.algo.batch_norm_test,
         "batch_norm_train": cfg.algo.batch_norm_train,
         "episode_seed": cfg.seed,
@@ -68,6 +69,11 @@ def evaluate_checkpoint(
     if data_root is not None:
         cfg.data.root = data_root
     if inner_steps_test is not None:
+        if "inner_steps_test" not in cfg.algo:
+            raise ConfigError(
+                f"algo.inner_steps_test is not a setting of algo.name={cfg.algo.name!r}; "
+                "leave it null for this checkpoint"
+            )
         cfg.algo.inner_steps_test = inner_steps_test
     check_config(cfg)
     if not isinstance(episodes, int) or episodes < 2:
