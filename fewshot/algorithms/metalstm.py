@@ -54,7 +54,8 @@ class MetaLSTM(Algorithm):
     The learner's flat parameter vector is the cell state: `c_t = f_t * c_{t-1} - i_t * grad_t`,
     where `grad_t` is the gradient of the support loss on a batch at `c_{t-1}`. Per coordinate,
     layer 1 (an LSTM, `hidden_size` units) reads the preprocessed loss and gradient (4 inputs);
-    the gates are `sigmoid(W [h_t, c_{t-1}, gate_{t-1}] + b)`. All weights are shared across
+    the gates are `sigmoid(W [h_t, c_{t-1}, gate_{t-1}] + b)`, with the previous gate's value as
+    in the paper (the authors' code feeds its pre-activation). All weights are shared across
     coordinates. `c_0` is the backbone's parameters, meta-learned unless `learn_init` is false.
     Forget-gate bias starts in [4, 6] and input-gate bias in [-5, -4], so adaptation starts as
     gradient descent with steps of about 0.01; the other meta-learner weights start in
@@ -64,12 +65,13 @@ class MetaLSTM(Algorithm):
     Batches: each of `inner_epochs` passes over the support set is one batch holding the whole
     set when `inner_batch_size` >= way*shot (the paper's settings); otherwise a permutation of
     the support set is split into ceil(way*shot / inner_batch_size) batches of near-equal size
-    (no singleton batch for batch norm to choke on). The permutations come from a generator
+    (no short remainder batch for batch norm to normalise poorly). The permutations come from a generator
     seeded by the support images' bytes, so an episode adapts the same way every time it is
     seen, while different episodes get different orders.
 
     References: Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning", ICLR 2017,
-    Eq. 2 (cell update), Section 3.2 (gates), 3.3 (coordinate-wise sharing, preprocessing).
+    Eqs. 2-4 (cell update, input and forget gates), Section 3.2 (parameter sharing and
+    preprocessing), Algorithm 1 (training).
     """
 
     test_keys = ("inner_epochs", "inner_batch_size")
