@@ -18,7 +18,7 @@ from fewshot.comparison import (
     write_result_json,
 )
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
-from fewshot.evaluation import evaluate_checkpoint
+from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> float | None:
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
         f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
-        f"{p['inner_steps_test']} inner steps, {p['batch_norm']} batch norm) -> {output}"
+        f"{p['algorithm']} {inner_loop_summary(p)}, {p['batch_norm']} batch norm) -> {output}"
     )
     return result["test/acc"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fewshot.data.files import atomic_path
 from fewshot.errors import ConfigError
-from fewshot.evaluation import evaluate_prefixes
+from fewshot.evaluation import evaluate_prefixes, inner_loop_summary
 from fewshot.sweep import job_dirs, job_overrides, read_result
 from fewshot.tables import override_columns, write_table
 
@@ -90,7 +90,7 @@ def evaluate_targets(
     return [rows[i] for i in order]
 
 
-_PROTOCOL_COLUMNS = ("batch_norm", "batch_norm_train", "inner_steps_test")
+_PROTOCOL_COLUMNS = ("batch_norm", "batch_norm_train")
 
 
 def _first(row: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def write_evaluation_table(
             **{k: p.get(k) for k in protocol_columns},
             "steps": first.get("trained_steps"),
             "batch norm (train/test)": f"{p['batch_norm_train']}/{p['batch_norm']}" if p else None,
-            "inner steps (test)": p.get("inner_steps_test"),
+            "inner loop (test)": inner_loop_summary(p) if p else None,
             "status": row["status"],
         }
         md = {**cells, "val/acc %": _percent(first.get("val/acc_best"))}
@@ -158,7 +158,7 @@ def write_evaluation_table(
     if common:
         preamble += "Overrides of every run: " + " ".join(f"`{k}={v}`" for k, v in common.items())
         preamble += "\n"
-    tail = ["steps", "batch norm (train/test)", "inner steps (test)", "status"]
+    tail = ["steps", "batch norm (train/test)", "inner loop (test)", "status"]
     md_columns = ["run", *varying, *protocol_columns, "val/acc %", *acc_columns, *tail]
     all_keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
     per_count = [f"test/acc{s}_{n}" for n in counts for s in ("", "_ci95")]

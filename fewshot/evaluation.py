@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from fewshot.algorithms import ALGORITHMS
 from fewshot.build import build_datamodule, build_module, check_config, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.errors import ConfigError
@@ -36,11 +37,19 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "query": cfg.query,
         "algorithm": cfg.algo.name,
         "first_order": cfg.algo.get("first_order"),
-        "inner_steps_test": cfg.algo.inner_steps_test,
+        **{key: cfg.algo[key] for key in ALGORITHMS[cfg.algo.name].test_keys},
         "batch_norm": cfg.algo.batch_norm_test,
         "batch_norm_train": cfg.algo.batch_norm_train,
         "episode_seed": cfg.seed,
     }
+
+
+def inner_loop_summary(protocol: dict[str, Any]) -> str:
+    """The test-time inner loop a result used, e.g. `base_lr=0.4 inner_steps_test=3`; empty for
+    an algorithm fewshot does not have (a result file from elsewhere)."""
+    algorithm = ALGORITHMS.get(protocol.get("algorithm"))
+    keys = algorithm.test_keys if algorithm else ()
+    return " ".join(f"{key}={protocol[key]}" for key in keys if key in protocol)
 
 
 def evaluate_checkpoint(
@@ -72,8 +81,14 @@ def evaluate_prefixes(
     cfg = stored.copy()
     cfg.seed = seed
     for key, value in (overrides or {}).items():
-        if value is not None:
-            OmegaConf.update(cfg, key, value)
+        if value is None:
+            continue
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(
+                f"{key} is not a setting of this checkpoint's run (algo.name="
+                f"{cfg.algo.name!r}, data.name={cfg.data.name!r}); leave it null"
+            )
+        OmegaConf.update(cfg, key, value)
     check_config(cfg)
     check_checkpoint_fits(
         cfg, stored, "ckpt", ckpt, "evaluate.py scores a checkpoint on its own way and backbone"

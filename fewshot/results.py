@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import DataError
+from fewshot.evaluation import inner_loop_summary
 from fewshot.tables import markdown
 
 
@@ -75,7 +76,7 @@ COLUMNS = (
     "test episodes",
     "split",
     "batch norm (train/test)",
-    "inner steps (test)",
+    "inner loop (test)",
     "meta-iterations",
 )
 
@@ -110,7 +111,7 @@ def _ours(result: dict[str, Any]) -> dict[str, Any]:
         "test episodes": result["episodes"],
         "split": p.get("split"),
         "batch norm (train/test)": f"{p.get('batch_norm_train')}/{p.get('batch_norm')}",
-        "inner steps (test)": p.get("inner_steps_test"),
+        "inner loop (test)": inner_loop_summary(p),
         "meta-iterations": result.get("trained_steps"),
     }
 

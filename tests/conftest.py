@@ -91,3 +91,31 @@ def sweep_with_failures(quick_overrides, tmp_path_factory):
         expect_ok=False,
     )
     return sweep_dir, proc
+
+
+def make_miniimagenet(
+    root: Path, layout: str, classes=(4, 2, 2), per_class: int = 20, size: int = 16
+) -> Path:
+    """A small Mini-ImageNet in `layout` 'folders' ({train,val,test}/<wnid>/*.jpg) or 'csv'
+    (images/*.jpg + {train,val,test}.csv). Class c of the whole set is tinted by colour c % 3
+    (0 red, 1 green, 2 blue) and the same seed gives byte-identical JPEGs in both layouts."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    c = 0
+    for split, count in zip(("train", "val", "test"), classes):
+        rows = ["filename,label"]
+        for _ in range(count):
+            wnid = f"n{c:08d}"
+            for i in range(per_class):
+                pixels = torch.randint(0, 60, (size, size, 3), generator=g, dtype=torch.uint8)
+                pixels[..., c % 3] += 180
+                name = f"{wnid}{i + 1:08d}.jpg"
+                folder = root / "images" if layout == "csv" else root / split / wnid
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.numpy()).save(folder / name, quality=95)
+                rows.append(f"{name},{wnid}")
+            c += 1
+        if layout == "csv":
+            (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root

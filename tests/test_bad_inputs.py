@@ -63,7 +63,11 @@ CHECKS = {
 # {tmp} are filled in per run.
 BAD_INPUTS = [
     ("train.py", ["algo=nope"], ["algo=nope is not an option", "choose one of: maml"]),
-    ("compose", ["data=nope"], ["data=nope is not an option", "choose one of: omniglot"]),
+    (
+        "compose",
+        ["data=nope"],
+        ["data=nope is not an option", "choose one of: miniimagenet, omniglot"],
+    ),
     ("compose", ["backbone=resnet"], ["backbone=resnet is not an option", "conv4"]),
     (
         "compose",

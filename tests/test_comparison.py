@@ -26,7 +26,10 @@ def test_a_sweep_is_evaluated_into_one_table_best_validation_first(sweep_table):
         summary = json.loads((sweep_dir / row["run"] / "result.json").read_text())
         assert float(row["val/acc_best"]) == pytest.approx(summary["val/acc"])
         assert row["steps"] == "2" and row["batch norm (train/test)"] == "transductive/transductive"
-        assert row["inner steps (test)"] == "3" and row["status"] == "evaluated"
+        assert (
+            row["inner loop (test)"] == "base_lr=0.4 inner_steps_test=3"
+            and row["status"] == "evaluated"
+        )
         for n in (4, 6):
             written = json.loads(
                 (sweep_dir / row["run"] / "eval" / f"best_{n}ep_seed0.json").read_text()

@@ -33,6 +33,16 @@ def test_experiments_carry_the_papers_settings():
     assert cfg.data.split == "vinyals"
 
 
+def test_miniimagenet_experiments_carry_the_papers_settings():
+    cfg = compose_train("experiment=metalstm_miniimagenet_5w1s")
+    assert (cfg.algo.inner_epochs, cfg.algo.inner_batch_size, cfg.algo.grad_clip) == (12, 5, 0.25)
+    assert (cfg.backbone.channels, cfg.data.image_size, cfg.data.channels) == (32, 84, 3)
+    assert (cfg.algo.batch_norm_train, cfg.algo.batch_norm_test) == ("transductive", "support")
+    cfg = compose_train("experiment=maml_miniimagenet_5w5s")
+    assert (cfg.algo.base_lr, cfg.algo.inner_steps, cfg.algo.inner_steps_test) == (0.01, 5, 10)
+    assert (cfg.algo.meta_batch_size, cfg.backbone.channels, cfg.query) == (2, 32, 15)
+
+
 def test_evaluate_config_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=["ckpt=some.ckpt", "episodes=100"])
@@ -51,8 +61,13 @@ def test_evaluate_config_composes():
         ("algo.meta_batch_size=0", "algo.meta_batch_size=0 is out of range"),
         ("trainer.max_steps=10", "trainer.val_check_interval=500 exceeds trainer.max_steps=10"),
         ("way=five", "way='five' is out of range"),
+        ("algo=metalstm algo.inner_epochs=0", "algo.inner_epochs=0 is out of range"),
+        ("algo=metalstm algo.inner_batch_size=2.5", "algo.inner_batch_size=2.5 is out of range"),
+        ("algo=metalstm algo.hidden_size=0", "algo.hidden_size=0 is out of range"),
+        ("algo=metalstm algo.grad_clip=-1", "algo.grad_clip=-1 is out of range"),
+        ("algo=metalstm algo.learn_init=maybe", "algo.learn_init='maybe' is out of range"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        check_config(compose_train(override))
+        check_config(compose_train(*override.split()))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_script
+from tests.conftest import make_miniimagenet, run_script
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,83 @@ def test_a_bad_value_is_one_line_naming_the_key_not_a_traceback(quick_overrides,
     assert proc.returncode == 2
     assert "error: way=1 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+TINY = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=1",
+    "val_episodes=2",
+    "trainer.threads=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def miniimagenet_root(tmp_path_factory) -> Path:
+    """Generated JPEGs in the images/ + split CSV layout, with classes enough for 5-way tasks."""
+    return make_miniimagenet(tmp_path_factory.mktemp("miniimagenet"), "csv", classes=(6, 5, 5))
+
+
+@pytest.fixture(scope="module")
+def miniimagenet(miniimagenet_root) -> list[str]:
+    """The generated data, at a size and width that keep a CPU step well under a second."""
+    return [
+        f"data.root={miniimagenet_root}",
+        "data.image_size=28",
+        "backbone.channels=8",
+        "query=5",
+    ]
+
+
+def test_metalstm_trains_on_miniimagenet_and_evaluates(miniimagenet, tmp_path):
+    run_script(
+        "train.py",
+        "algo=metalstm",
+        "data=miniimagenet",
+        "way=5",
+        "shot=5",
+        *miniimagenet,
+        *TINY,
+        f"hydra.run.dir={tmp_path}",
+    )
+    out = tmp_path / "result.json"
+    proc = run_script(
+        "evaluate.py", f"ckpt={tmp_path}/checkpoints/best.ckpt", "episodes=4", f"output={out}"
+    )
+    protocol = json.loads(out.read_text())["protocol"]
+    assert (protocol["dataset"], protocol["algorithm"]) == ("miniimagenet", "metalstm")
+    assert (protocol["inner_epochs"], protocol["inner_batch_size"]) == (8, 25)
+    assert protocol["batch_norm"] == "support"
+    assert "metalstm inner_epochs=8 inner_batch_size=25" in proc.stdout
+
+    proc = run_script(
+        "evaluate.py",
+        f"ckpt={tmp_path}/checkpoints/best.ckpt",
+        "algo.inner_steps_test=3",
+        expect_ok=False,
+    )
+    assert proc.returncode == 2
+    assert (
+        "error: algo.inner_steps_test is not a setting of this checkpoint's run (algo.name='metalstm'"
+        in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["experiment=maml_miniimagenet_5w1s"], ["algo=metalstm", "data=omniglot", "way=5", "shot=1"]],
+    ids=["maml-miniimagenet", "metalstm-omniglot"],
+)
+def test_any_algorithm_trains_on_any_dataset(
+    overrides, miniimagenet, omniglot_root, omniglot_cache, tmp_path
+):
+    if "data=omniglot" in overrides:
+        data = [f"data.root={omniglot_root}", f"data.cache_dir={omniglot_cache}"]
+        data += ["backbone.channels=8", "query=5"]
+    else:
+        data = miniimagenet
+    run_script("train.py", *overrides, *data, *TINY, f"hydra.run.dir={tmp_path}")
+    last = torch.load(
+        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert last["global_step"] == 2

@@ -50,7 +50,7 @@ def test_each_result_sits_beside_the_number_the_paper_reports_for_its_setting():
     assert len(maml) == len(PAPERS[0].results) + 1  # 20w1s has two result files
     assert maml[2][:8] == [
         "Omniglot 20-way 1-shot", "95.8 ± 0.3", "93.00 ± 0.80", "100", "vinyals",
-        "transductive/support", "3", "60000",
+        "transductive/support", "inner_steps_test=3", "60000",
     ]  # fmt: skip
     assert maml[3][:4] == ["Omniglot 20-way 1-shot", "95.8 ± 0.3", "93.12 ± 0.41", "600"]
     assert maml[0][:3] == ["Omniglot 5-way 1-shot", "98.7 ± 0.4", "not run"]

@@ -2,7 +2,8 @@
 
 from fewshot.algorithms.base import Algorithm, EpisodeResults, Weights
 from fewshot.algorithms.maml import MAML
+from fewshot.algorithms.metalstm import MetaLSTM
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"maml": MAML}
+ALGORITHMS: dict[str, type[Algorithm]] = {"maml": MAML, "metalstm": MetaLSTM}
 
-__all__ = ["ALGORITHMS", "MAML", "Algorithm", "EpisodeResults", "Weights"]
+__all__ = ["ALGORITHMS", "MAML", "Algorithm", "EpisodeResults", "MetaLSTM", "Weights"]

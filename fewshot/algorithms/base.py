@@ -42,6 +42,9 @@ class Algorithm(nn.Module, ABC):
     (Ravi & Larochelle at meta-test). Support statistics enter as constants, not differentiated.
     """
 
+    # The `algo` keys that shape adaptation at test time, recorded beside every test number.
+    test_keys: tuple[str, ...] = ()
+
     def __init__(self, backbone: nn.Module, batch_norm_train: str, batch_norm_test: str) -> None:
         super().__init__()
         for key, mode in (

@@ -22,6 +22,8 @@ class MAML(Algorithm):
     Deep Networks", ICML 2017, Algorithm 2 and Eq. 1.
     """
 
+    test_keys = ("base_lr", "inner_steps_test")
+
     def __init__(
         self,
         backbone: nn.Module,

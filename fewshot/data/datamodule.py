@@ -7,10 +7,11 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from fewshot.data.episodes import ClassImages, FixedEpisodes, MetaBatchStream, stack_tasks
+from fewshot.data.miniimagenet import load_miniimagenet
 from fewshot.data.omniglot import load_omniglot, omniglot_splits
 from fewshot.errors import ConfigError
 
-DATASETS = ("omniglot",)
+DATASETS = ("omniglot", "miniimagenet")
 
 
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
@@ -18,6 +19,8 @@ def load_splits(data: DictConfig) -> dict[str, ClassImages]:
     if data.name == "omniglot":
         images = load_omniglot(data.root, data.image_size, data.download, data.cache_dir)
         return omniglot_splits(images, data.split)
+    if data.name == "miniimagenet":
+        return load_miniimagenet(data.root, data.image_size, data.cache_dir)
     raise ConfigError(f"data.name={data.name!r} is not a dataset; choose one of {DATASETS}")
 
 

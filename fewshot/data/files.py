@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -70,6 +71,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def cache_path(root: Path, cache_dir: str | None, dataset: str, name: str) -> Path:
+    """Where the decoded-data cache `name` of the data in `root` lives: in `cache_dir` if set,
+    else beside the data, or in ~/.cache/fewshot/<dataset>-<hash of root> if that is read-only."""
+    if cache_dir is not None:
+        return Path(cache_dir) / name
+    # The folder's own permission bits decide, not os.access: root may write anywhere, but a
+    # folder marked read-only (a shared mount) is not ours to fill. Then cache per user.
+    if not root.exists() or (root.stat().st_mode & stat.S_IWUSR and os.access(root, os.W_OK)):
+        return root / name
+    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "fewshot" / f"{dataset}-{key}" / name
 
 
 def md5sum(path: str | os.PathLike) -> str:

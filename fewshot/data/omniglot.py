@@ -6,7 +6,6 @@ import hashlib
 import io
 import logging
 import os
-import stat
 import zipfile
 import zlib
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import download, load_cache, save_cache
+from fewshot.data.files import cache_path, download, load_cache, save_cache
 from fewshot.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -113,24 +112,13 @@ def _decode_all(sources: dict[str, Path], image_size: int) -> ClassImages:
     return ClassImages(images, names)
 
 
-def _cache_path(root: Path, cache_dir: str | None, image_size: int) -> Path:
-    name = f"omniglot_{image_size}px_v2.pt"  # v2: stored with a checksum (files.save_cache)
-    if cache_dir is not None:
-        return Path(cache_dir) / name
-    # The folder's own permission bits decide, not os.access: root may write anywhere, but a
-    # folder marked read-only (a shared mount) is not ours to fill. Then cache per user.
-    if not root.exists() or (root.stat().st_mode & stat.S_IWUSR and os.access(root, os.W_OK)):
-        return root / name
-    key = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "fewshot" / f"omniglot-{key}" / name
-
-
 def load_omniglot(
     root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None = None
 ) -> ClassImages:
     """All 1623 characters as uint8 images [1623, 20, 1, S, S], decoded once and then cached."""
     root = Path(root).expanduser()
-    cache = _cache_path(root, cache_dir, image_size)
+    # v2: stored with a checksum (files.save_cache)
+    cache = cache_path(root, cache_dir, "omniglot", f"omniglot_{image_size}px_v2.pt")
     cached = load_cache(cache)
     if cached is not None:
         return ClassImages(cached["images"], list(cached["names"]))

@@ -1,0 +1,202 @@
+"""Meta-LSTM's update against gradient descent and by hand, its batches, and its meta-gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fewshot.algorithms import MAML, MetaLSTM
+from fewshot.algorithms.metalstm import flatten, preprocess, unflatten
+from fewshot.data.episodes import Episodes
+from fewshot.models.conv4 import Conv4
+
+ALPHA = 0.3
+TRANSDUCTIVE = ("transductive", "transductive")  # batch_norm_train, batch_norm_test
+
+
+def linear_task(seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    sx, qx = (
+        torch.randn(6, 3, generator=g, dtype=dtype),
+        torch.randn(8, 3, generator=g, dtype=dtype),
+    )
+    sy, qy = torch.randint(0, 2, (6,), generator=g), torch.randint(0, 2, (8,), generator=g)
+    return sx, sy, qx, qy
+
+
+def metalstm(backbone: nn.Module, epochs: int = 1, batch: int = 100, learn_init=True) -> MetaLSTM:
+    return MetaLSTM(backbone, 20, epochs, batch, learn_init, *TRANSDUCTIVE)
+
+
+def fix_gates(algorithm: MetaLSTM, forget: float, input_: float) -> None:
+    """Gates that ignore their inputs: sigmoid(bias) = forget and input_ exactly."""
+    with torch.no_grad():
+        for gate, value in ((algorithm.forget_gate, forget), (algorithm.input_gate, input_)):
+            gate.weight.zero_()
+            # sigmoid(1e4) is 1.0 in floating point; otherwise the logit of the value.
+            gate.bias.fill_(1e4 if value == 1 else math.log(value / (1 - value)))
+
+
+def test_preprocessing_matches_hand_computed_values_on_both_branches():
+    x = torch.tensor([1.0, -0.5, 100.0, 1e-4, 1e-5, -2e-5, 0.0], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            [0.0, 1.0],  # log(1) / 10, sign
+            [-0.06931471805599453, -1.0],  # log(0.5) / 10
+            [0.46051701859880914, 1.0],  # log(100) / 10
+            [-0.9210340371976183, 1.0],  # 1e-4 >= e^-10 = 4.54e-5: log(1e-4) / 10
+            [-1.0, 0.22026465794806718],  # 1e-5 < e^-10: (-1, e^10 * 1e-5)
+            [-1.0, -0.44052931589613436],
+            [-1.0, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(preprocess(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_flatten_and_unflatten_round_trip_and_keep_the_graph():
+    weights = dict(
+        Conv4(1, 8, 3, channels=2, padding=1, stride=1, pool=True, blocks=2).named_parameters()
+    )
+    vector = flatten(weights)
+    assert vector.shape == (sum(w.numel() for w in weights.values()),)
+    back = unflatten(vector, weights)
+    assert list(back) == list(weights)
+    for name, w in weights.items():
+        assert torch.equal(back[name], w)
+    back["head.bias"].sum().backward()
+    assert weights["head.bias"].grad is not None and weights["head.weight"].grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("forget", [1.0, 0.5])
+def test_one_step_with_fixed_gates_is_a_gradient_step_with_decay(forget):
+    """Forget gate 1 and input gate alpha: one SGD step of size alpha; forget < 1 shrinks."""
+    sx, sy, _, _ = linear_task()
+    backbone = nn.Linear(3, 2, bias=False).double()
+    algorithm = metalstm(backbone).double()
+    fix_gates(algorithm, forget, ALPHA)
+    before, after = algorithm.adapt(sx, sy, training=True)
+
+    W = backbone.weight.detach()
+    p = torch.softmax(sx @ W.T, dim=1)
+    grad = (p - F.one_hot(sy, 2).double()).T @ sx / len(sx)  # of mean cross-entropy, by hand
+    torch.testing.assert_close(before["weight"], W, rtol=0, atol=0)
+    torch.testing.assert_close(after["weight"], forget * W - ALPHA * grad, rtol=1e-12, atol=1e-14)
+
+
+def test_with_gates_fixed_several_epochs_follow_mamls_gradient_steps():
+    torch.manual_seed(0)
+    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
+    backbone = backbone.double()
+    algorithm = metalstm(backbone, epochs=3).double()
+    fix_gates(algorithm, 1.0, ALPHA)
+    maml = MAML(backbone, ALPHA, 3, 3, False, *TRANSDUCTIVE)
+    x, y = torch.rand(6, 1, 12, 12, dtype=torch.float64), torch.arange(3).repeat(2)
+    for ours, theirs in zip(algorithm.adapt(x, y, False), maml.adapt(x, y, False), strict=True):
+        for name in theirs:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12)
+
+
+def test_with_gates_fixed_the_meta_gradient_is_first_order_mamls():
+    """The learner's gradient enters as data: no second-order term reaches c_0."""
+    sx, sy, qx, qy = linear_task()
+    batch = Episodes(sx[None], sy[None], qx[None], qy[None])
+    grads = []
+    for name in ("maml", "metalstm"):
+        torch.manual_seed(0)
+        backbone = nn.Linear(3, 2).double()
+        if name == "maml":
+            algorithm = MAML(backbone, ALPHA, 1, 1, True, *TRANSDUCTIVE)
+        else:
+            algorithm = metalstm(backbone).double()
+            fix_gates(algorithm, 1.0, ALPHA)
+        algorithm(batch, training=True).loss.backward()
+        grads.append(backbone.weight.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+def conv_episode(way=3, shot=2, query=4):
+    torch.manual_seed(0)
+    x = torch.rand(1, way * (shot + query), 1, 12, 12)
+    labels = torch.arange(way)
+    return Episodes(
+        x[:, : way * shot],
+        labels.repeat_interleave(shot)[None],
+        x[:, way * shot :],
+        labels.repeat_interleave(query)[None],
+    )
+
+
+def small_metalstm(epochs=2, batch=100, learn_init=True) -> MetaLSTM:
+    torch.manual_seed(0)
+    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
+    return metalstm(backbone, epochs, batch, learn_init)
+
+
+@pytest.mark.parametrize("learn_init", [True, False])
+def test_meta_gradient_reaches_the_lstm_and_c0_only_when_init_is_learned(learn_init):
+    algorithm = small_metalstm(learn_init=learn_init)
+    algorithm(conv_episode(), training=True).loss.backward()
+    for name, p in algorithm.named_parameters():
+        if name.startswith("backbone."):
+            assert (p.grad is not None) == learn_init, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_gate_biases_start_as_small_step_gradient_descent():
+    algorithm = small_metalstm()
+    assert 4 <= algorithm.forget_gate.bias.item() <= 6
+    assert -5 <= algorithm.input_gate.bias.item() <= -4
+
+
+def separable_task(n_per_class=10):
+    """Two classes of 8x8 images told apart by which half is bright."""
+    g = torch.Generator().manual_seed(1)
+    x = 0.1 * torch.rand(2 * n_per_class, 1, 8, 8, generator=g)
+    x[:n_per_class, :, :4] += 0.9
+    x[n_per_class:, :, 4:] += 0.9
+    return x, torch.arange(2).repeat_interleave(n_per_class)
+
+
+def test_adaptation_lowers_the_support_loss_on_a_separable_task():
+    torch.manual_seed(0)
+    backbone = Conv4(1, 8, num_classes=2, channels=4, padding=1, stride=1, pool=True, blocks=2)
+    algorithm = metalstm(backbone, epochs=12, batch=5)
+    x, y = separable_task()
+    losses = [
+        F.cross_entropy(algorithm.predict(w, x), y).item()
+        for w in algorithm.adapt(x, y, training=False)
+    ]
+    assert len(losses) == 1 + 12 * 4
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_a_support_set_within_one_batch_is_used_whole_every_epoch():
+    x, y = separable_task(3)
+    batches = list(small_metalstm(epochs=4, batch=6).batches(x, y))
+    assert len(batches) == 4 and all(torch.equal(bx, x) for bx, _ in batches)
+
+
+def test_smaller_batches_cover_the_support_set_once_per_epoch_in_a_reproducible_order():
+    x, y = separable_task(5)  # 10 images, batches of at most 4: 3 batches of 4, 3, 3
+    algorithm = small_metalstm(epochs=3, batch=4)
+    batches = list(algorithm.batches(x, y))
+    assert [len(by) for _, by in batches] == [4, 3, 3] * 3
+    epochs = [torch.cat([bx for bx, _ in batches[3 * e : 3 * e + 3]]) for e in range(3)]
+    for images in epochs:  # every image exactly once per epoch
+        key = lambda t: t.flatten(1).sum(1).sort().values  # noqa: E731
+        torch.testing.assert_close(key(images), key(x))
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
+    again = list(algorithm.batches(x, y))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, again))
+    other = list(algorithm.batches(x.flip(0), y.flip(0)))
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, other))
+
+
+def test_frozen_init_leaves_the_backbone_out_of_the_meta_parameters():
+    algorithm = small_metalstm(learn_init=False)
+    trainable = {n for n, p in algorithm.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("backbone.") for n in trainable)
