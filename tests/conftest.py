@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fewshot.data.episodes import ClassImages
+from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
 
 torch.set_num_threads(1)  # 2 threads on 2 vCPUs is erratic (see README); 1 is stable
@@ -81,7 +81,12 @@ def sweep_with_failures(quick_overrides, tmp_path_factory):
     """A 4-job multirun whose first two jobs fail (no TPU here) and last two train:
     (sweep folder, the finished process)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
-    proc = run_script(
+    return sweep_dir, run_sweep_with_failures(sweep_dir, quick_overrides)
+
+
+def run_sweep_with_failures(sweep_dir: Path, quick_overrides: list[str]):
+    """Jobs 0 and 1 ask for a TPU (there is none) and fail; jobs 2 and 3 train on the CPU."""
+    return run_script(
         "train.py",
         "-m",
         *quick_overrides,
@@ -90,7 +95,6 @@ def sweep_with_failures(quick_overrides, tmp_path_factory):
         f"hydra.sweep.dir={sweep_dir}",
         expect_ok=False,
     )
-    return sweep_dir, proc
 
 
 def make_miniimagenet(
@@ -119,3 +123,16 @@ def make_miniimagenet(
         if layout == "csv":
             (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def conv_episode(way: int = 3, shot: int = 2, query: int = 4, tasks: int = 2) -> Episodes:
+    """A meta-batch of random 12x12 grey images with balanced labels 0..way-1."""
+    torch.manual_seed(0)
+    x = torch.rand(tasks, way * (shot + query), 1, 12, 12)
+    labels = torch.arange(way)
+    return Episodes(
+        x[:, : way * shot],
+        labels.repeat_interleave(shot).expand(tasks, -1),
+        x[:, way * shot :],
+        labels.repeat_interleave(query).expand(tasks, -1),
+    )

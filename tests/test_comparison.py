@@ -5,7 +5,8 @@ import csv
 import json
 
 import pytest
-from conftest import run_script
+
+from tests.conftest import run_script
 
 
 @pytest.fixture(scope="module")

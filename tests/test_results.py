@@ -4,9 +4,8 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
-
 from fewshot.results import PAPERS, results_tables
+from tests.conftest import REPO
 
 
 def evaluation(algorithm, dataset, way, shot, acc, ci95, episodes=600, first_order=False):

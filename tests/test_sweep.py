@@ -7,7 +7,6 @@ import math
 
 import pytest
 import yaml
-from conftest import run_script
 from omegaconf import OmegaConf
 
 from fewshot.errors import ConfigError
@@ -19,6 +18,7 @@ from fewshot.sweep import (
     sweep_summary,
     write_sweep_summary,
 )
+from tests.conftest import run_script, run_sweep_with_failures
 
 
 def config(**values):
@@ -135,15 +135,7 @@ def test_rerunning_a_sweep_skips_finished_jobs_and_retries_failed_ones(
     done = [r["job"] for r in sweep_summary(sweep_dir)[2] if r["status"] == "completed"]
     stamps = {job: (sweep_dir / job / RESULT).stat().st_mtime_ns for job in done}
     failed_stamp = (sweep_dir / "0" / RESULT).stat().st_mtime_ns
-    proc = run_script(
-        "train.py",
-        "-m",
-        *quick_overrides,
-        "trainer.accelerator=tpu,cpu",
-        "algo.meta_lr=1e-3,1e-4",
-        f"hydra.sweep.dir={sweep_dir}",
-        expect_ok=False,
-    )
+    proc = run_sweep_with_failures(sweep_dir, quick_overrides)
     assert proc.returncode == 1, proc.stderr[-3000:]
     for job in done:
         assert (sweep_dir / job / RESULT).stat().st_mtime_ns == stamps[job]

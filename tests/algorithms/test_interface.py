@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fewshot.algorithms import MAML, Algorithm, MetaLSTM
-from fewshot.data.episodes import Episodes
 from fewshot.models.conv4 import Conv4
+from tests.conftest import conv_episode
 
 TRANSDUCTIVE = {"batch_norm_train": "transductive", "batch_norm_test": "transductive"}
 
@@ -19,18 +19,6 @@ def small(name: str) -> tuple[Algorithm, int]:
         return MAML(backbone, **settings, **TRANSDUCTIVE), 1 + 3
     settings = {"hidden_size": 20, "inner_epochs": 2, "inner_batch_size": 4, "learn_init": True}
     return MetaLSTM(backbone, **settings, **TRANSDUCTIVE), 1 + 2 * 2  # 6 support images
-
-
-def conv_episode(way=3, shot=2, query=4, tasks=2):
-    torch.manual_seed(0)
-    x = torch.rand(tasks, way * (shot + query), 1, 12, 12)
-    labels = torch.arange(way)
-    return Episodes(
-        x[:, : way * shot],
-        labels.repeat_interleave(shot).expand(tasks, -1),
-        x[:, way * shot :],
-        labels.repeat_interleave(query).expand(tasks, -1),
-    )
 
 
 ALGORITHM_NAMES = ["maml", "metalstm"]

@@ -9,6 +9,7 @@ from fewshot.algorithms import MAML
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
 from fewshot.models.conv4 import Conv4
+from tests.conftest import conv_episode
 
 ALPHA = 0.3
 TRANSDUCTIVE = ("transductive", "transductive")  # batch_norm_train, batch_norm_test
@@ -64,18 +65,6 @@ def test_second_order_term_changes_the_meta_gradient():
         ).loss.backward()
         grads.append(backbone.weight.grad)
     assert not torch.allclose(*grads)
-
-
-def conv_episode(way=3, shot=2, query=4, tasks=2):
-    torch.manual_seed(0)
-    x = torch.rand(tasks, way * (shot + query), 1, 12, 12)
-    labels = torch.arange(way)
-    return Episodes(
-        x[:, : way * shot],
-        labels.repeat_interleave(shot).expand(tasks, -1),
-        x[:, way * shot :],
-        labels.repeat_interleave(query).expand(tasks, -1),
-    )
 
 
 def small_maml(**kwargs) -> MAML:
