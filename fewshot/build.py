@@ -86,7 +86,9 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 def build_module(cfg: DictConfig) -> EpisodicModule:
     backbone = hydra.utils.instantiate(cfg.backbone)
     algorithm = ALGORITHMS[cfg.algo.name].from_config(cfg.algo, backbone)
-    return EpisodicModule(algorithm, cfg.algo.meta_lr, resolved_config(cfg))
+    return EpisodicModule(
+        algorithm, cfg.algo.meta_lr, cfg.algo.get("grad_clip"), resolved_config(cfg)
+    )
 
 
 def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataModule:
@@ -120,7 +122,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     )
     return pl.Trainer(
         **options,
-        gradient_clip_val=cfg.algo.get("grad_clip"),
         logger=logger,
         callbacks=[
             *checkpoint_callbacks(run_dir),

@@ -13,13 +13,23 @@ from fewshot.data.episodes import Episodes
 
 
 class EpisodicModule(pl.LightningModule):
-    """Meta-trains `algorithm` with Adam on its meta-parameters; validates and tests on fixed
-    episodes. `config` (the resolved run config) is stored in every checkpoint so that
-    evaluate.py can rebuild the run from the checkpoint alone."""
+    """Meta-trains `algorithm` with Adam on its meta-parameters, the meta-gradient's norm
+    clipped to `grad_clip` if set; validates and tests on fixed episodes. `config` (the
+    resolved run config) is stored in every checkpoint so that evaluate.py can rebuild the run
+    from the checkpoint alone."""
 
-    def __init__(self, algorithm: Algorithm, meta_lr: float, config: dict[str, Any]) -> None:
+    def __init__(
+        self, algorithm: Algorithm, meta_lr: float, grad_clip: float | None, config: dict[str, Any]
+    ) -> None:
         super().__init__()
-        self.algorithm, self.meta_lr, self.config = algorithm, meta_lr, config
+        self.algorithm, self.meta_lr, self.grad_clip, self.config = (
+            algorithm,
+            meta_lr,
+            grad_clip,
+            config,
+        )
+        # Optimised by hand so that each task's graph is freed by its own backward pass.
+        self.automatic_optimization = False
         self.test_accuracies: list[Tensor] = []
 
     def on_after_batch_transfer(self, batch: Episodes, dataloader_idx: int) -> Episodes:
@@ -33,10 +43,14 @@ class EpisodicModule(pl.LightningModule):
         for step, acc in enumerate(results.step_accuracy):
             self.log(f"{stage}/acc_step{step}", acc, batch_size=tasks)
 
-    def training_step(self, batch: Episodes, batch_idx: int) -> Tensor:
-        results = self.algorithm(batch, training=True)
+    def training_step(self, batch: Episodes, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        results = self.algorithm(batch, training=True, backward=self.manual_backward)
+        if self.grad_clip is not None:
+            self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
         self._log_results("train", results)
-        return results.loss
 
     def validation_step(self, batch: Episodes, batch_idx: int) -> None:
         self._log_results("val", self.algorithm(batch, training=False, track_steps=True))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +104,21 @@ class Algorithm(nn.Module, ABC):
         # their initial values.
         return {name: b.clone() for name, b in self.backbone.named_buffers()}
 
-    def forward(self, batch: Episodes, training: bool, track_steps: bool = False) -> EpisodeResults:
-        """Adapt to every task of `batch` and score its query set (see `Episodes` for shapes)."""
+    def forward(
+        self,
+        batch: Episodes,
+        training: bool,
+        track_steps: bool = False,
+        backward: Callable[[Tensor], None] | None = None,
+    ) -> EpisodeResults:
+        """Adapt to every task of `batch` and score its query set (see `Episodes` for shapes).
+
+        With `backward`, each task's share of the meta-loss (its loss / tasks) is handed to it as
+        soon as the task is done, so one task's graph is alive at a time: memory stays flat in
+        the number of tasks (and time drops a little). The returned loss is then detached.
+        """
         batch_norm = self.batch_norm_train if training else self.batch_norm_test
+        tasks = len(batch.query_y)
         losses, accuracies, step_accuracies = [], [], []
         for support_x, support_y, query_x, query_y in zip(*batch):
             trace = []
@@ -116,7 +128,11 @@ class Algorithm(nn.Module, ABC):
                         logits = self.predict_query(weights, support_x, query_x, batch_norm)
                         trace.append(accuracy(logits, query_y))
             logits = self.predict_query(weights, support_x, query_x, batch_norm)
-            losses.append(F.cross_entropy(logits, query_y))
+            loss = F.cross_entropy(logits, query_y)
+            if backward is not None:
+                backward(loss / tasks)
+                loss = loss.detach()
+            losses.append(loss)
             accuracies.append(accuracy(logits.detach(), query_y))
             step_accuracies.append(torch.stack(trace) if trace else logits.new_empty(0))
         return EpisodeResults(

@@ -62,3 +62,18 @@ def test_adapted_weights_change_the_predictions(name):
         before = algorithm.predict(dict(algorithm.backbone.named_parameters()), batch.query_x[0])
         after = algorithm.predict(adapted, batch.query_x[0])
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_backward_per_task_gives_the_meta_gradient_of_one_batched_backward(name):
+    algorithm, _ = small(name)
+    batch = conv_episode(tasks=3)
+    batched = algorithm(batch, training=True)
+    batched.loss.backward()
+    expected = {n: p.grad.clone() for n, p in algorithm.named_parameters()}
+    algorithm.zero_grad()
+    per_task = algorithm(batch, training=True, backward=torch.Tensor.backward)
+    assert not per_task.loss.requires_grad  # the graphs are gone, the value is kept
+    torch.testing.assert_close(per_task.loss, batched.loss.detach())
+    for n, p in algorithm.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], msg=n)

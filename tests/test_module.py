@@ -1,0 +1,40 @@
+"""The LightningModule's meta-optimisation step."""
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from fewshot.module import EpisodicModule
+from tests.algorithms.test_interface import small
+from tests.conftest import conv_episode
+
+
+class GradientNorms(pl.Callback):
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+
+def meta_gradient_norms(grad_clip: float | None) -> list[float]:
+    algorithm, _ = small("maml")
+    batch = conv_episode()
+    batch = batch._replace(support_x=batch.support_x * 255, query_x=batch.query_x * 255)
+    norms = GradientNorms()
+    trainer = pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[norms], accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(
+        EpisodicModule(algorithm, 1e-3, grad_clip, {}),
+        train_dataloaders=DataLoader([batch] * 2, batch_size=None),
+    )
+    return norms.norms
+
+
+def test_meta_gradient_norm_is_clipped_to_grad_clip():
+    unclipped = meta_gradient_norms(None)
+    assert min(unclipped) > 0.01
+    assert max(meta_gradient_norms(0.01)) <= 0.01 * (1 + 1e-4)
