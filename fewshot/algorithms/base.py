@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,9 +60,13 @@ class Algorithm(nn.Module, ABC):
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
 
     @classmethod
-    @abstractmethod
     def from_config(cls, algo: DictConfig, backbone: nn.Module) -> Algorithm:
-        """Build from the `algo` config group."""
+        """Build from the `algo` config group, whose keys name the constructor's arguments (the
+        group's other keys, such as meta_lr, belong to the outer loop)."""
+        names = [
+            n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "backbone")
+        ]
+        return cls(backbone, **{name: algo[name] for name in names})
 
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:

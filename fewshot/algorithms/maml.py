@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from fewshot.algorithms.base import Algorithm, Weights
@@ -37,18 +36,6 @@ class MAML(Algorithm):
         super().__init__(backbone, batch_norm_train, batch_norm_test)
         self.base_lr, self.first_order = base_lr, first_order
         self.inner_steps, self.inner_steps_test = inner_steps, inner_steps_test
-
-    @classmethod
-    def from_config(cls, algo: DictConfig, backbone: nn.Module) -> MAML:
-        return cls(
-            backbone,
-            base_lr=algo.base_lr,
-            inner_steps=algo.inner_steps,
-            inner_steps_test=algo.inner_steps_test,
-            first_order=algo.first_order,
-            batch_norm_train=algo.batch_norm_train,
-            batch_norm_test=algo.batch_norm_test,
-        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:
         weights = self.initial_weights(training)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from fewshot.algorithms.base import Algorithm, Weights
@@ -97,18 +96,6 @@ class MetaLSTM(Algorithm):
         nn.init.uniform_(self.input_gate.bias, -5.0, -4.0)
         # Frozen, c_0 stays the backbone's random initialisation: only the update rule learns.
         self.backbone.requires_grad_(learn_init)
-
-    @classmethod
-    def from_config(cls, algo: DictConfig, backbone: nn.Module) -> MetaLSTM:
-        return cls(
-            backbone,
-            hidden_size=algo.hidden_size,
-            inner_epochs=algo.inner_epochs,
-            inner_batch_size=algo.inner_batch_size,
-            learn_init=algo.learn_init,
-            batch_norm_train=algo.batch_norm_train,
-            batch_norm_test=algo.batch_norm_test,
-        )
 
     def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:
         start = self.initial_weights(training)

@@ -65,7 +65,7 @@ def _sources(root: Path, download_missing: bool) -> dict[str, Path]:
 
 
 def _read_pngs(source: Path) -> dict[str, bytes]:
-    """'part/Alphabet/characterNN/XXXX_YY.png' -> PNG bytes, from a zip or an extracted folder."""
+    """'part/Alphabet/characterNN/<id>_<drawing>.png' -> PNG bytes, from a zip or an extracted folder."""
     if source.is_dir():
         pngs = {}
         for path in source.rglob("*.png"):
