@@ -22,8 +22,8 @@ DDP = [
     "trainer.max_steps=1",
     "trainer.val_check_interval=1",
 ]
-# A run folder named to the microsecond: a process that composed its own config (as Lightning's
-# `ddp` launcher makes every rank do) would create a folder of its own beside the first.
+# Folders named to the microsecond: a process that composed its own config would create a
+# folder of its own beside the first.
 RUN_DIR = "${now:%H-%M-%S-%f}"
 
 
@@ -88,9 +88,11 @@ def test_ddp_meta_gradient_is_the_mean_over_all_tasks_of_all_ranks(ddp_outputs):
 
 
 def test_ddp_multirun_creates_one_folder_per_job(quick_overrides, tmp_path):
-    run_script("train.py", "-m", *quick_overrides, *DDP, "seed=1", f"hydra.sweep.dir={tmp_path}")
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0"]
-    assert json.loads((tmp_path / "0" / "result.json").read_text())["status"] == "completed"
+    # With Lightning's `ddp`, the second process would re-run the sweep in a sweep folder of its own.
+    run_script("train.py", "-m", *quick_overrides, *DDP, f"hydra.sweep.dir={tmp_path}/{RUN_DIR}")
+    (sweep_dir,) = tmp_path.iterdir()
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0"]
+    assert json.loads((sweep_dir / "0" / "result.json").read_text())["status"] == "completed"
 
 
 def test_a_meta_batch_that_does_not_split_over_the_processes_is_refused(quick_overrides, tmp_path):
