@@ -2,12 +2,15 @@
 of all the tasks, under a single run and a multirun."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from pytorch_lightning.strategies import DDPStrategy
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from fewshot.build import build_datamodule, build_module
 from fewshot.data.episodes import Episodes, MetaBatchStream
@@ -106,3 +109,54 @@ def test_a_meta_batch_that_does_not_split_over_the_processes_is_refused(quick_ov
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: algo.meta_batch_size=3")
+
+
+def counted_allreduce(folder: str, bucket):
+    """A DDP communication hook: all-reduces the gradient bucket, noting it in `folder`."""
+    with open(Path(folder) / str(os.getpid()), "a") as record:
+        record.write("all-reduce\n")
+    return allreduce_hook(None, bucket)
+
+
+class CountAllReduces(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.strategy.model.register_comm_hook(self.folder, counted_allreduce)
+
+
+def test_ddp_all_reduces_the_meta_gradient_once_per_meta_iteration(quick_overrides, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    steps, tasks_per_rank = 2, 3
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        overrides = [o for o in quick_overrides if not o.startswith("algo.meta_batch_size")]
+        cfg = compose(
+            "train",
+            [
+                *overrides,
+                f"algo.meta_batch_size={2 * tasks_per_rank}",
+                f"trainer.max_steps={steps}",
+            ],
+        )
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn"),
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        callbacks=[CountAllReduces(tmp_path)],
+    )
+    trainer.fit(build_module(cfg), datamodule)
+    # One bucket holds the whole Conv4 gradient: one all-reduce per step and rank, not one per task.
+    counts = [len(f.read_text().splitlines()) for f in tmp_path.iterdir()]
+    assert counts == [steps, steps]
