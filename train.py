@@ -9,7 +9,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.build import build_datamodule, build_module, build_trainer, check_config
-from fewshot.checkpointing import check_resumable, config_subdir, run_dir_of
+from fewshot.checkpointing import check_resumable, config_subdir, fit_outcome, run_dir_of
 from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.sweep import recorded_job
 
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> float | None:
         datamodule.setup()  # data errors surface now, before any training
         trainer = build_trainer(cfg, run_dir, resume_step)
         trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-        job.completed(trainer.checkpoint_callback.best_model_score, trainer.global_step)
+        job.completed(*fit_outcome(trainer))
     return job.value
 
 

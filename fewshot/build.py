@@ -120,7 +120,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     logger = TensorBoardLogger(
         run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
     )
-    return pl.Trainer(
+    trainer = pl.Trainer(
         **options,
         logger=logger,
         callbacks=[
@@ -135,3 +135,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
         # Training is one endless stream of meta-batches: validate by step count, not by epoch.
         check_val_every_n_epoch=None,
     )
+    check_world_size(cfg, trainer.world_size)
+    return trainer
+
+
+def check_world_size(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError unless the meta-batch and the validation episodes split evenly over
+    the DDP processes (uneven shares would weight tasks unequally or repeat episodes)."""
+    for key, count in (
+        ("algo.meta_batch_size", cfg.algo.meta_batch_size),
+        ("val_episodes", cfg.val_episodes),
+    ):
+        if count % world_size:
+            raise ConfigError(
+                f"{key}={count} does not split over {world_size} DDP processes "
+                f"(trainer.devices x trainer.num_nodes): make it a multiple of {world_size}"
+            )

@@ -72,6 +72,25 @@ def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
     return [best, LatestCheckpoint(folder / "last.ckpt")]
 
 
+def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
+    """The best val/acc (a tensor, number or None) and the step a finished fit reached.
+
+    Under `ddp_spawn` the fit ran in spawned processes and Lightning hands this trainer back
+    neither (only the best checkpoint's path): they are read from the latest checkpoint then,
+    which the end of training wrote.
+    """
+    latest = next((c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)), None)
+    if trainer.global_step > 0 or latest is None or not latest.path.is_file():
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        return best, trainer.global_step
+    checkpoint = torch.load(latest.path, map_location="cpu", weights_only=False)
+    states = checkpoint.get("callbacks", {})
+    best = next(
+        (s["best_model_score"] for k, s in states.items() if k.startswith("ModelCheckpoint")), None
+    )
+    return best, checkpoint["global_step"]
+
+
 def run_dir_of(ckpt_path: str | None, default: str) -> str:
     """The run that `<run>/checkpoints/last.ckpt` belongs to, so that resuming continues the
     run's own checkpoints and TensorBoard events; `default` for a fresh run, a checkpoint outside

@@ -109,7 +109,8 @@ class TensorBoardViews(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = self._logger(trainer)
-        if logger is None or trainer.sanity_checking:
+        # Under DDP the metrics are synced already; rank 0 alone writes them.
+        if logger is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if self.inner_step_writer is None:
             self.inner_step_writer = SummaryWriter(Path(logger.log_dir) / INNER_STEP_DIR)

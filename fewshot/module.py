@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor
 
 from fewshot.algorithms import Algorithm, EpisodeResults
@@ -38,19 +41,40 @@ class EpisodicModule(pl.LightningModule):
 
     def _log_results(self, stage: str, results: EpisodeResults) -> None:
         tasks = results.accuracy.numel()
-        self.log(f"{stage}/loss", results.loss, batch_size=tasks, prog_bar=stage == "train")
-        self.log(f"{stage}/acc", results.accuracy.mean(), batch_size=tasks, prog_bar=True)
+        # Under DDP each rank scores an equal share of the fixed episodes: the mean over ranks is
+        # the mean over all of them. Training metrics stay rank 0's share (no sync every step).
+        sync = stage != "train"
+        log = dict(batch_size=tasks, sync_dist=sync)
+        self.log(f"{stage}/loss", results.loss, prog_bar=stage == "train", **log)
+        self.log(f"{stage}/acc", results.accuracy.mean(), prog_bar=True, **log)
         for step, acc in enumerate(results.step_accuracy):
-            self.log(f"{stage}/acc_step{step}", acc, batch_size=tasks)
+            self.log(f"{stage}/acc_step{step}", acc, **log)
 
     def training_step(self, batch: Episodes, batch_idx: int) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        results = self.algorithm(batch, training=True, backward=self.manual_backward)
+        results = self.algorithm(batch, training=True, backward=self._task_backward(batch))
         if self.grad_clip is not None:
             self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         self._log_results("train", results)
+
+    def _task_backward(self, batch: Episodes) -> Callable[[Tensor], None]:
+        """The backward pass for each task's loss share. Under DDP every backward would
+        all-reduce the gradients; instead the tasks accumulate theirs locally and only the last
+        task's backward syncs (averaging the sums over ranks: the mean over all tasks)."""
+        strategy = self.trainer.strategy
+        tasks, done = len(batch.query_y), 0
+
+        def backward(loss: Tensor) -> None:
+            nonlocal done
+            done += 1
+            last = done == tasks
+            local = isinstance(strategy, ParallelStrategy) and not last
+            with strategy.block_backward_sync() if local else nullcontext():
+                self.manual_backward(loss)
+
+        return backward
 
     def validation_step(self, batch: Episodes, batch_idx: int) -> None:
         self._log_results("val", self.algorithm(batch, training=False, track_steps=True))

@@ -60,7 +60,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.way,
             self.shot,
             self.query,
-            self.meta_batch_size,
+            # Under DDP each rank meta-trains on its share of the tasks, its own ones (by rank).
+            self.meta_batch_size // (trainer.world_size if trainer else 1),
             self.seed,
             # A resumed run continues the stream where it stopped.
             start=trainer.global_step if trainer else 0,
