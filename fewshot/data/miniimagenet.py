@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import atomic_path, cache_path
+from fewshot.data.files import cache_path, load_cache, save_cache
 from fewshot.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,9 @@ def load_miniimagenet(
     listing = find_images(root)
     name = f"miniimagenet_{image_size}px_{_fingerprint(listing)}.pt"
     cache = cache_path(root, cache_dir, "miniimagenet", name)
-    if cache.is_file():
-        try:
-            data = torch.load(cache, mmap=True, weights_only=True)
-            return {s: ClassImages(data["images"][s], list(data["names"][s])) for s in SPLITS}
-        except Exception as err:  # a damaged cache is rebuilt, never trusted
-            log.warning("rebuilding damaged cache %s (%s)", cache, err)
+    cached = load_cache(cache, mmap=True, verify=False)
+    if cached is not None:
+        return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}
     log.info("decoding Mini-ImageNet from %s (once; cached at %s)", root, cache)
     started = time.perf_counter()
     images = {}
@@ -158,7 +155,6 @@ def load_miniimagenet(
         log.info("decoding %d meta-%s classes", len(listing[split]), split)
         images[split] = _decode_split(listing[split], split, image_size)
     names = {s: list(listing[s]) for s in SPLITS}
-    with atomic_path(cache) as tmp:
-        torch.save({"images": images, "names": names}, tmp)
+    save_cache(cache, {**images, "names": names})
     log.info("decoded Mini-ImageNet in %.0f s", time.perf_counter() - started)
     return {s: ClassImages(images[s], names[s]) for s in SPLITS}
