@@ -15,8 +15,8 @@ from fewshot.comparison import (
     targets_of,
     task_suffix,
     write_evaluation_table,
-    write_result_json,
 )
+from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
 
@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.output
         else result_path(Path(cfg.ckpt), cfg.episodes, cfg.seed, task)
     )
-    write_result_json(result, output)
+    write_json(output, result)
     p = result["protocol"]
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "

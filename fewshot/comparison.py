@@ -3,13 +3,12 @@ in one table beside their overrides and validation accuracy."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewshot.data.files import atomic_path
+from fewshot.data.files import write_json
 from fewshot.errors import ConfigError
 from fewshot.evaluation import evaluate_prefixes, inner_loop_summary
 from fewshot.sweep import job_dirs, job_overrides, read_result
@@ -57,11 +56,6 @@ def task_suffix(overrides: Mapping[str, Any], protocol: Mapping[str, Any]) -> st
     return f"_{protocol['way']}w{protocol['shot']}s{protocol['query']}q"
 
 
-def write_result_json(result: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-
-
 def evaluate_targets(
     targets: Sequence[Target],
     counts: Sequence[int],
@@ -82,7 +76,7 @@ def evaluate_targets(
         results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads)
         for result in results:
             task = task_suffix(overrides or {}, result["protocol"])
-            write_result_json(result, result_path(target.ckpt, result["episodes"], seed, task))
+            write_json(result_path(target.ckpt, result["episodes"], seed, task), result)
         rows.append({**row, "results": {r["episodes"]: r for r in results}, "status": "evaluated"})
     # Best validation accuracy first: runs are chosen on validation, never on test.
     best = [_first(r).get("val/acc_best") for r in rows]

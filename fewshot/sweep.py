@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.data.files import atomic_path
+from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, DataError
 from fewshot.tables import override_columns, write_table
 
@@ -48,8 +48,7 @@ def read_result(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def write_result(run_dir: str | Path, result: dict[str, Any]) -> None:
-    with atomic_path(Path(run_dir) / RESULT) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(run_dir) / RESULT, result)
 
 
 def one_line(err: BaseException) -> str:

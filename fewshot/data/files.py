@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -71,6 +72,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented JSON at `path`, written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def cache_path(root: Path, cache_dir: str | None, dataset: str, name: str) -> Path:
