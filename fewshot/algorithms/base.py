@@ -85,7 +85,7 @@ class Algorithm(nn.Module, ABC):
 
     def predict(self, weights: Weights, x: Tensor) -> Tensor:
         """[N, C, H, W] -> [N, way] logits on `weights`, batch norm using the statistics of `x`."""
-        self.backbone.train()
+        self._batch_norm_mode(training=True)
         return functional_call(self.backbone, (weights, self._fresh_buffers()), (x,))
 
     def predict_query(
@@ -98,11 +98,17 @@ class Algorithm(nn.Module, ABC):
         # batch norm averages cumulatively, so one batch gives them exactly); the query set is
         # then normalised with them. Fresh buffers per episode: nothing leaks between episodes.
         buffers = self._fresh_buffers()
-        self.backbone.train()
+        self._batch_norm_mode(training=True)
         with torch.no_grad():
             functional_call(self.backbone, (weights, buffers), (support_x,))
-        self.backbone.eval()
+        self._batch_norm_mode(training=False)
         return functional_call(self.backbone, (weights, buffers), (query_x,))
+
+    def _batch_norm_mode(self, training: bool) -> None:
+        # train() walks every submodule on every call (a hot path: once per forward pass);
+        # the backbone's own flag says whether the walk is needed.
+        if self.backbone.training != training:
+            self.backbone.train(training)
 
     def _fresh_buffers(self) -> dict[str, Tensor]:
         # The module's own buffers are never written (every call gets copies), so they hold
