@@ -22,7 +22,7 @@ from fewshot.errors import ConfigError
 from fewshot.module import EpisodicModule
 
 
-def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+def int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
     return (
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
     ), f"an integer >= {low}"
@@ -35,36 +35,43 @@ _POSITIVE = (
 
 # key -> (test, what is allowed); a key absent from the config (another algorithm's) is skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "way": _int_at_least(2),
-    "shot": _int_at_least(1),
-    "query": _int_at_least(1),
-    "val_episodes": _int_at_least(2),
+    "way": int_at_least(2),
+    "shot": int_at_least(1),
+    "query": int_at_least(1),
+    "val_episodes": int_at_least(2),
     "algo.meta_lr": _POSITIVE,
     "algo.base_lr": _POSITIVE,
-    "algo.meta_batch_size": _int_at_least(1),
-    "algo.inner_steps": _int_at_least(1),
-    "algo.inner_steps_test": _int_at_least(1),
+    "algo.meta_batch_size": int_at_least(1),
+    "algo.inner_steps": int_at_least(1),
+    "algo.inner_steps_test": int_at_least(1),
     "algo.grad_clip": ((lambda v: v is None or _POSITIVE[0](v)), "null or a number > 0"),
-    "algo.hidden_size": _int_at_least(1),
-    "algo.inner_epochs": _int_at_least(1),
-    "algo.inner_batch_size": _int_at_least(1),
+    "algo.hidden_size": int_at_least(1),
+    "algo.inner_epochs": int_at_least(1),
+    "algo.inner_batch_size": int_at_least(1),
     "algo.learn_init": ((lambda v: isinstance(v, bool)), "true or false"),
-    "trainer.max_steps": _int_at_least(1),
-    "trainer.val_check_interval": _int_at_least(1),
-    "backbone.channels": _int_at_least(1),
-    "backbone.padding": _int_at_least(0),
-    "backbone.stride": _int_at_least(1),
-    "data.image_size": _int_at_least(1),
-    "data.workers": _int_at_least(0),
+    "trainer.max_steps": int_at_least(1),
+    "trainer.val_check_interval": int_at_least(1),
+    "backbone.channels": int_at_least(1),
+    "backbone.padding": int_at_least(0),
+    "backbone.stride": int_at_least(1),
+    "data.image_size": int_at_least(1),
+    "data.workers": int_at_least(0),
 }
+
+
+def check_value(key: str, value: Any, rule: tuple[Callable[[Any], bool], str]) -> None:
+    """Raise ConfigError naming `key` unless `value` passes the rule's test."""
+    ok, allowed = rule
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range."""
-    for key, (ok, allowed) in RULES.items():
+    for key, rule in RULES.items():
         value = OmegaConf.select(cfg, key, default="<absent>")
-        if value != "<absent>" and not ok(value):
-            raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+        if value != "<absent>":
+            check_value(key, value, rule)
     if cfg.algo.name not in ALGORITHMS:
         raise ConfigError(
             f"algo.name={cfg.algo.name!r} is unknown; choose one of {list(ALGORITHMS)}"

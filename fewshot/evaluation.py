@@ -13,7 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from fewshot.algorithms import ALGORITHMS
-from fewshot.build import build_datamodule, build_module, check_config, set_threads
+from fewshot.build import (
+    build_datamodule,
+    build_module,
+    check_config,
+    check_value,
+    int_at_least,
+    set_threads,
+)
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.errors import ConfigError
 
@@ -94,8 +101,7 @@ def evaluate_prefixes(
         cfg, stored, "ckpt", ckpt, "evaluate.py scores a checkpoint on its own way and backbone"
     )
     for n in counts:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-            raise ConfigError(f"episodes={n!r} is out of range: expected an integer >= 2")
+        check_value("episodes", n, int_at_least(2))
     set_threads(threads)
     module = build_module(cfg)
     check_state_fits(module, checkpoint["state_dict"], "ckpt", ckpt)
