@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
@@ -30,9 +31,15 @@ class Conv4(nn.Module):
 
     Padding, stride and pooling are settings because they matter: padding 2 / stride 2 without
     pooling plateaus near 92% on Omniglot 5-way 1-shot where padding 1 / max-pool reaches ~97.5%.
-    BatchNorm averages its running statistics cumulatively (momentum=None), so buffers that
-    have seen one batch hold exactly that batch's statistics: the algorithms use this to
-    normalise a query set with its support set's statistics (see `Algorithm.predict_query`).
+    BatchNorm's running statistics are those of the last batch seen (momentum=1): the algorithms
+    use this to normalise a query set with its support set's statistics (see
+    `Algorithm.predict_query`). (Not momentum=None, the cumulative average: it reads the batch
+    count back as a Python number, which torch.func.vmap cannot do.)
+
+    `channels_last` lays the images out channels-last for the convolutions; "auto" does so from
+    64 px up. Measured on a 1-thread CPU (oneDNN): 1.9x faster MAML test episodes and 1.4x faster
+    Meta-LSTM meta-iterations on 84 px Mini-ImageNet, neutral for second-order MAML there, but
+    4-15% slower on 28 px Omniglot.
     """
 
     def __init__(
@@ -45,8 +52,14 @@ class Conv4(nn.Module):
         stride: int,
         pool: bool,
         blocks: int = 4,
+        channels_last: bool | str = False,
     ) -> None:
         super().__init__()
+        if not (isinstance(channels_last, bool) or channels_last == "auto"):
+            raise ConfigError(
+                f"backbone.channels_last={channels_last!r} is unknown; choose true, false or auto"
+            )
+        self.channels_last = image_size >= 64 if channels_last == "auto" else channels_last
         layers: list[nn.Module] = []
         size, width = image_size, in_channels
         for block in range(1, blocks + 1):
@@ -63,7 +76,7 @@ class Conv4(nn.Module):
                 )
             layers += [
                 nn.Conv2d(width, channels, 3, stride=stride, padding=padding),
-                nn.BatchNorm2d(channels, momentum=None),
+                nn.BatchNorm2d(channels, momentum=1.0),
                 nn.ReLU(),
             ]
             if pool:
@@ -74,4 +87,6 @@ class Conv4(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C, H, W] images -> [N, num_classes] logits."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self.features(x))

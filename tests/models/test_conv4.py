@@ -24,3 +24,31 @@ def test_functional_call_on_its_own_parameters_equals_forward():
     net = Conv4(1, 28, num_classes=5, channels=8, padding=1, stride=1, pool=True)
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(functional_call(net, dict(net.named_parameters()), (x,)), net(x))
+
+
+@pytest.mark.parametrize("image_size, expected", [(28, False), (84, True)])
+def test_auto_layout_is_channels_last_from_64_pixels(image_size, expected):
+    net = Conv4(3, image_size, 5, channels=8, padding=1, stride=1, pool=True, channels_last="auto")
+    assert net.channels_last is expected
+
+
+def test_channels_last_layout_computes_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    nets = {}
+    for layout in (False, True):
+        torch.manual_seed(0)
+        nets[layout] = Conv4(
+            3, 20, 5, channels=8, padding=1, stride=1, pool=True, channels_last=layout
+        )
+    x = torch.rand(6, 3, 20, 20)
+    outputs = {layout: net(x) for layout, net in nets.items()}
+    for out in outputs.values():
+        out.square().sum().backward()
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(nets[False].named_parameters(), nets[True].parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)  # float32 sums
+
+
+def test_an_unknown_layout_names_the_key():
+    with pytest.raises(ConfigError, match=r"backbone.channels_last='yes'.*true, false or auto"):
+        Conv4(1, 28, 5, channels=8, padding=1, stride=1, pool=True, channels_last="yes")
