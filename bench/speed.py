@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot.algorithms import ALGORITHMS
+from fewshot.algorithms import ALGORITHMS, plain_backward
 from fewshot.data.episodes import Episodes
 from fewshot.models.conv4 import Conv4
 
@@ -47,13 +47,15 @@ MAML_TRANSDUCTIVE = {
     "batch_norm_train": "transductive",
     "batch_norm_test": "transductive",
 }
+# The layout is conf/backbone/conv4.yaml's default: channels-last from 64 px up.
 STRIDED = {
     "channels": 64,
     "padding": 1,
     "stride": 2,
     "pool": False,
+    "channels_last": "auto",
 }  # the MAML paper's Omniglot net
-POOLED_32 = {"channels": 32, "padding": 1, "stride": 1, "pool": True}
+POOLED_32 = {"channels": 32, "padding": 1, "stride": 1, "pool": True, "channels_last": "auto"}
 
 WORKLOADS = [
     Workload(
@@ -167,7 +169,7 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
 
     def meta_iteration():  # as EpisodicModule.training_step runs it
         optimizer.zero_grad()
-        algorithm(train_batch, training=True, backward=torch.Tensor.backward)
+        algorithm(train_batch, training=True, backward=plain_backward)
         optimizer.step()
 
     def test_episode():
@@ -199,7 +201,7 @@ def measure_memory(workload: Workload, threads: int, out: mp.Queue) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         algorithm.zero_grad()
-        algorithm(batch, training=True, backward=torch.Tensor.backward)
+        algorithm(batch, training=True, backward=plain_backward)
     out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
 
 
@@ -224,6 +226,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument(
+        "--vmap", action="store_true", help="also run the MAML rows with algo.vmap_tasks=true"
+    )
+    parser.add_argument(
         "--memory-steps",
         nargs="*",
         type=int,
@@ -236,9 +241,14 @@ def main() -> None:
         f"{'workload':24} {'s/iter':>7} {'speedup':>7} {'s/test':>7} {'speedup':>7} "
         f"{'RSS GB':>6} {'ref GB':>6} {'GFLOP/s':>7} {'of dense':>8}"
     )
-    for workload in WORKLOADS:
-        if args.only and workload.name not in args.only:
-            continue
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    if args.vmap:
+        workloads += [
+            replace(w, name=f"{w.name}+vmap", algo={**w.algo, "vmap_tasks": True})
+            for w in workloads
+            if w.algo["name"] == "maml"
+        ]
+    for workload in workloads:
         r = in_child(measure, workload, args.iters, args.threads)
         ref = workload.reference
         print(

@@ -33,6 +33,8 @@ _POSITIVE = (
     "a number > 0",
 )
 
+_BOOLEAN = ((lambda v: isinstance(v, bool)), "true or false")
+
 # key -> (test, what is allowed); a key absent from the config (another algorithm's) is skipped.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "way": int_at_least(2),
@@ -48,12 +50,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.hidden_size": int_at_least(1),
     "algo.inner_epochs": int_at_least(1),
     "algo.inner_batch_size": int_at_least(1),
-    "algo.learn_init": ((lambda v: isinstance(v, bool)), "true or false"),
+    "algo.learn_init": _BOOLEAN,
+    "algo.first_order": _BOOLEAN,
+    "algo.vmap_tasks": _BOOLEAN,
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),
     "backbone.channels": int_at_least(1),
     "backbone.padding": int_at_least(0),
     "backbone.stride": int_at_least(1),
+    "backbone.channels_last": (
+        (lambda v: isinstance(v, bool) or v == "auto"),
+        "true, false or auto",
+    ),
     "data.image_size": int_at_least(1),
     "data.workers": int_at_least(0),
 }

@@ -53,25 +53,21 @@ class EpisodicModule(pl.LightningModule):
     def training_step(self, batch: Episodes, batch_idx: int) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        results = self.algorithm(batch, training=True, backward=self._task_backward(batch))
+        results = self.algorithm(batch, training=True, backward=self._task_backward())
         if self.grad_clip is not None:
             self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
         self._log_results("train", results)
 
-    def _task_backward(self, batch: Episodes) -> Callable[[Tensor], None]:
-        """The backward pass for each task's loss share. Under DDP every backward would
-        all-reduce the gradients; instead the tasks accumulate theirs locally and only the last
-        task's backward syncs (averaging the sums over ranks: the mean over all tasks)."""
+    def _task_backward(self) -> Callable[[Tensor, bool], None]:
+        """The backward pass for each share of the meta-loss. Under DDP every backward would
+        all-reduce the gradients; instead the shares accumulate theirs locally and only the last
+        share's backward syncs (averaging the sums over ranks: the mean over all tasks)."""
         strategy = self.trainer.strategy
-        tasks, done = len(batch.query_y), 0
+        parallel = isinstance(strategy, ParallelStrategy)
 
-        def backward(loss: Tensor) -> None:
-            nonlocal done
-            done += 1
-            last = done == tasks
-            local = isinstance(strategy, ParallelStrategy) and not last
-            with strategy.block_backward_sync() if local else nullcontext():
+        def backward(loss: Tensor, last: bool) -> None:
+            with strategy.block_backward_sync() if parallel and not last else nullcontext():
                 self.manual_backward(loss)
 
         return backward

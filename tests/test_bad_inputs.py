@@ -92,6 +92,12 @@ BAD_INPUTS = [
     ("check_config", ["trainer.max_steps=0"], ["trainer.max_steps=0 is out of range", ">= 1"]),
     ("check_config", ["trainer.val_check_interval=0"], ["trainer.val_check_interval=0", ">= 1"]),
     ("check_config", ["algo.meta_batch_size=0"], ["algo.meta_batch_size=0", ">= 1"]),
+    ("check_config", ["algo.vmap_tasks=yes"], ["algo.vmap_tasks='yes' is out of range", "true or"]),
+    (
+        "check_config",
+        ["backbone.channels_last=1"],
+        ["backbone.channels_last=1", "true, false or auto"],
+    ),
     (
         "train.py",
         ["backbone.stride=2"],

@@ -46,7 +46,13 @@ class Algorithm(nn.Module, ABC):
     # The `algo` keys that shape adaptation at test time, recorded beside every test number.
     test_keys: tuple[str, ...] = ()
 
-    def __init__(self, backbone: nn.Module, batch_norm_train: str, batch_norm_test: str) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        batch_norm_train: str,
+        batch_norm_test: str,
+        vmap_tasks: bool = False,
+    ) -> None:
         super().__init__()
         for key, mode in (
             ("batch_norm_train", batch_norm_train),
@@ -58,46 +64,89 @@ class Algorithm(nn.Module, ABC):
                 )
         self.backbone = backbone
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
+        self.vmap_tasks = vmap_tasks
+        # Passed for the buffers, None makes batch norm normalise with the batch's own statistics
+        # and record none: nothing to copy, nothing written.
+        self._no_buffers = {name: None for name, _ in backbone.named_buffers()}
 
     @classmethod
     def from_config(cls, algo: DictConfig, backbone: nn.Module) -> Algorithm:
         """Build from the `algo` config group, whose keys name the constructor's arguments (the
-        group's other keys, such as meta_lr, belong to the outer loop)."""
+        group's other keys, such as meta_lr, belong to the outer loop). An argument with a
+        default may be missing: configs stored in older checkpoints predate it."""
         names = [
             n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "backbone")
         ]
-        return cls(backbone, **{name: algo[name] for name in names})
+        return cls(backbone, **{name: algo[name] for name in names if name in algo})
 
     @abstractmethod
-    def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, training: bool, start: Weights | None = None
+    ) -> Iterator[Weights]:
         """Yield the task's weights before adaptation and after every inner step.
 
-        support_x [way*shot, C, H, W], support_y [way*shot]. When `training`, the last
-        weights carry the graph back to the meta-parameters; otherwise nothing does.
+        support_x [way*shot, C, H, W], support_y [way*shot]; `start`: the initial weights, the
+        backbone's when None. When `training`, the last weights carry the graph back to the
+        meta-parameters; otherwise nothing does.
         """
 
-    def initial_weights(self, training: bool) -> Weights:
-        weights = dict(self.backbone.named_parameters())
+    def initial_weights(self, training: bool, start: Weights | None = None) -> Weights:
+        weights = dict(self.backbone.named_parameters()) if start is None else start
         if training:
             return weights
-        # Evaluation differentiates only the inner loop: start it from detached leaves.
-        return {name: w.detach().requires_grad_() for name, w in weights.items()}
+        # Evaluation differentiates only the inner loop, from constants.
+        return {name: w.detach() for name, w in weights.items()}
 
     def predict(self, weights: Weights, x: Tensor) -> Tensor:
         """[N, C, H, W] -> [N, way] logits on `weights`, batch norm using the statistics of `x`."""
         self._batch_norm_mode(training=True)
-        return functional_call(self.backbone, (weights, self._fresh_buffers()), (x,))
+        return functional_call(self.backbone, (weights, self._no_buffers), (x,))
+
+    def support_loss(self, weights: Weights, x: Tensor, y: Tensor) -> Tensor:
+        """The learner's cross-entropy on a support batch x [N, C, H, W], y [N]."""
+        return F.cross_entropy(self.predict(weights, x), y)
+
+    def support_gradients(
+        self, weights: Weights, x: Tensor, y: Tensor, create_graph: bool
+    ) -> Weights:
+        """The gradient of `support_loss` at `weights`; with `create_graph`, differentiable.
+
+        torch.func.grad under vmap (torch.autograd.grad cannot see per-task gradients there);
+        torch.autograd.grad otherwise, which measured 5-10% faster per task on CPU.
+        """
+        if self.vmap_tasks:
+            grads = torch.func.grad(self.support_loss)(weights, x, y)
+            return grads if create_graph else {n: g.detach() for n, g in grads.items()}
+        with torch.enable_grad():
+            # Weights that carry no graph (at evaluation) become leaves to differentiate.
+            weights = {
+                n: w if w.requires_grad else w.detach().requires_grad_() for n, w in weights.items()
+            }
+            loss = self.support_loss(weights, x, y)
+            grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
+        return dict(zip(weights, grads))
 
     def predict_query(
-        self, weights: Weights, support_x: Tensor, query_x: Tensor, batch_norm: str
+        self,
+        weights: Weights,
+        support_x: Tensor,
+        query_x: Tensor,
+        batch_norm: str,
+        buffers: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """[way*query, way] logits of the query set under the given batch-norm mode."""
+        """[way*query, way] logits of the query set under the given batch-norm mode.
+
+        `buffers` are the initial batch-norm buffers to copy (the backbone's when None; under
+        vmap, per-task copies, since batched statistics cannot be written into shared ones).
+        """
         if batch_norm == "transductive":
             return self.predict(weights, query_x)
         # One pass over the support set fills fresh buffers with its statistics (the backbone's
-        # batch norm averages cumulatively, so one batch gives them exactly); the query set is
-        # then normalised with them. Fresh buffers per episode: nothing leaks between episodes.
-        buffers = self._fresh_buffers()
+        # batch norm keeps the last batch's); the query set is then normalised with them. Fresh
+        # buffers per episode: nothing leaks between episodes.
+        buffers = {
+            name: b.clone() for name, b in (buffers or dict(self.backbone.named_buffers())).items()
+        }
         self._batch_norm_mode(training=True)
         with torch.no_grad():
             functional_call(self.backbone, (weights, buffers), (support_x,))
@@ -110,47 +159,105 @@ class Algorithm(nn.Module, ABC):
         if self.backbone.training != training:
             self.backbone.train(training)
 
-    def _fresh_buffers(self) -> dict[str, Tensor]:
-        # The module's own buffers are never written (every call gets copies), so they hold
-        # their initial values.
-        return {name: b.clone() for name, b in self.backbone.named_buffers()}
-
     def forward(
         self,
         batch: Episodes,
         training: bool,
         track_steps: bool = False,
-        backward: Callable[[Tensor], None] | None = None,
+        backward: Callable[[Tensor, bool], None] | None = None,
     ) -> EpisodeResults:
         """Adapt to every task of `batch` and score its query set (see `Episodes` for shapes).
 
-        With `backward`, each task's share of the meta-loss (its loss / tasks) is handed to it as
-        soon as the task is done, so one task's graph is alive at a time: memory stays flat in
-        the number of tasks (and time drops a little). The returned loss is then detached.
+        With `backward`, the meta-loss is handed to `backward(loss_share, last)` as soon as it
+        exists, and the returned loss is detached. Task by task (the default) each task's share
+        (its loss / tasks) goes as soon as the task is done, so one task's graph is alive at a
+        time: memory stays flat in the number of tasks. With `vmap_tasks` all tasks run as one
+        batched computation (torch.func.vmap) and the mean loss goes at once.
         """
-        batch_norm = self.batch_norm_train if training else self.batch_norm_test
+        if self.vmap_tasks:
+            return self._forward_batched(batch, training, track_steps, backward)
         tasks = len(batch.query_y)
         losses, accuracies, step_accuracies = [], [], []
-        for support_x, support_y, query_x, query_y in zip(*batch):
-            trace = []
-            for weights in self.adapt(support_x, support_y, training):
-                if track_steps:
-                    with torch.no_grad():  # for logging only: no graph kept
-                        logits = self.predict_query(weights, support_x, query_x, batch_norm)
-                        trace.append(accuracy(logits, query_y))
-            logits = self.predict_query(weights, support_x, query_x, batch_norm)
-            loss = F.cross_entropy(logits, query_y)
+        for index, episode in enumerate(zip(*batch)):
+            loss, acc, trace = self.score_task(None, *episode, training, track_steps)
             if backward is not None:
-                backward(loss / tasks)
+                backward(loss / tasks, index == tasks - 1)
                 loss = loss.detach()
             losses.append(loss)
-            accuracies.append(accuracy(logits.detach(), query_y))
-            step_accuracies.append(torch.stack(trace) if trace else logits.new_empty(0))
+            accuracies.append(acc)
+            step_accuracies.append(trace)
         return EpisodeResults(
             torch.stack(losses).mean(),
             torch.stack(accuracies),
             torch.stack(step_accuracies).mean(0),
         )
+
+    def _forward_batched(
+        self,
+        batch: Episodes,
+        training: bool,
+        track_steps: bool,
+        backward: Callable[[Tensor, bool], None] | None,
+    ) -> EpisodeResults:
+        tasks = len(batch.query_y)
+        buffers = {n: b.expand(tasks, *b.shape) for n, b in self.backbone.named_buffers()}
+        start = self.initial_weights(training)
+
+        def task(start: Weights, buffers: dict[str, Tensor], *episode: Tensor):
+            loss, accuracy, trace = self.score_task(buffers, *episode, training, track_steps, start)
+            return loss, (loss.detach(), accuracy, trace)
+
+        per_task = (None, 0, 0, 0, 0, 0)  # the meta-parameters are shared, the rest is per task
+        if not training:
+            _, (losses, accuracies, traces) = torch.func.vmap(task, per_task)(
+                start, buffers, *batch
+            )
+            return EpisodeResults(losses.mean(), accuracies, traces.mean(0))
+        # The meta-gradient is taken with torch.func.grad too, not by a backward pass through
+        # the vmapped graph: with batch norm inside, that one is wrong (torch 2.15; the test of
+        # this path catches it), while grad of the vmapped second-order loop is right.
+        meta_grad = torch.func.vmap(torch.func.grad(task, has_aux=True), per_task)
+        constants = {n: w.detach() for n, w in start.items()}  # no graph beside func.grad's
+        grads, (losses, accuracies, traces) = meta_grad(constants, buffers, *batch)
+        # A loss whose gradient is the mean of the tasks' meta-gradients, so that the caller's
+        # backward (DDP's all-reduce, gradient clipping, the optimiser) works as with the loop.
+        surrogate = sum((w * grads[n].mean(0)).sum() for n, w in start.items())
+        loss = losses.mean()
+        if backward is not None:
+            backward(surrogate, True)
+        else:
+            loss = loss + (surrogate - surrogate.detach())  # same value, same gradient
+        return EpisodeResults(loss, accuracies, traces.mean(0))
+
+    def score_task(
+        self,
+        buffers: dict[str, Tensor] | None,
+        support_x: Tensor,
+        support_y: Tensor,
+        query_x: Tensor,
+        query_y: Tensor,
+        training: bool,
+        track_steps: bool,
+        start: Weights | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Adapt to one task from `start` (the backbone's weights when None) and score its query
+        set: loss [], accuracy [], and the accuracy before and after each inner step [steps + 1]
+        (empty unless `track_steps`)."""
+        batch_norm = self.batch_norm_train if training else self.batch_norm_test
+        trace = []
+        for weights in self.adapt(support_x, support_y, training, start):
+            if track_steps:
+                with torch.no_grad():  # for logging only: no graph kept
+                    logits = self.predict_query(weights, support_x, query_x, batch_norm, buffers)
+                    trace.append(accuracy(logits, query_y))
+        logits = self.predict_query(weights, support_x, query_x, batch_norm, buffers)
+        step_accuracy = torch.stack(trace) if trace else logits.new_empty(0)
+        return F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y), step_accuracy
+
+
+def plain_backward(loss: Tensor, last: bool) -> None:
+    """`Algorithm.forward`'s backward outside a Trainer: accumulate every share's gradient."""
+    loss.backward()
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.algorithms.base import Algorithm, Weights
@@ -32,20 +30,19 @@ class MAML(Algorithm):
         first_order: bool,
         batch_norm_train: str,
         batch_norm_test: str,
+        vmap_tasks: bool = False,
     ) -> None:
-        super().__init__(backbone, batch_norm_train, batch_norm_test)
+        super().__init__(backbone, batch_norm_train, batch_norm_test, vmap_tasks)
         self.base_lr, self.first_order = base_lr, first_order
         self.inner_steps, self.inner_steps_test = inner_steps, inner_steps_test
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:
-        weights = self.initial_weights(training)
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, training: bool, start: Weights | None = None
+    ) -> Iterator[Weights]:
+        weights = self.initial_weights(training, start)
         yield weights
-        create_graph = training and not self.first_order
+        second_order = training and not self.first_order
         for _ in range(self.inner_steps if training else self.inner_steps_test):
-            with torch.enable_grad():
-                loss = F.cross_entropy(self.predict(weights, support_x), support_y)
-                grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph)
-                weights = {n: w - self.base_lr * g for (n, w), g in zip(weights.items(), grads)}
-            if not training:
-                weights = {n: w.detach().requires_grad_() for n, w in weights.items()}
+            grads = self.support_gradients(weights, support_x, support_y, second_order)
+            weights = {n: w - self.base_lr * grads[n] for n, w in weights.items()}
             yield weights

@@ -7,7 +7,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot.algorithms.base import Algorithm, Weights
@@ -97,8 +96,10 @@ class MetaLSTM(Algorithm):
         # Frozen, c_0 stays the backbone's random initialisation: only the update rule learns.
         self.backbone.requires_grad_(learn_init)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, training: bool) -> Iterator[Weights]:
-        start = self.initial_weights(training)
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, training: bool, start: Weights | None = None
+    ) -> Iterator[Weights]:
+        start = self.initial_weights(training, start)
         c = flatten(start)  # c_0 [P]
         yield unflatten(c, start)
         f = i = torch.zeros_like(c, requires_grad=False)  # f_0 = i_0 = 0 [P]
@@ -130,7 +131,7 @@ class MetaLSTM(Algorithm):
         """The learner's loss [] and flat gradient [P] at parameters `c` on a batch, as data."""
         with torch.enable_grad():
             leaf = c.detach().requires_grad_()
-            loss = F.cross_entropy(self.predict(unflatten(leaf, like), x), y)
+            loss = self.support_loss(unflatten(leaf, like), x, y)
             (grad,) = torch.autograd.grad(loss, leaf)
         return loss.detach(), grad
 
