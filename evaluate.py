@@ -31,6 +31,7 @@ def run_overrides(cfg: DictConfig) -> dict[str, Any]:
         "way": cfg.way,
         "shot": cfg.shot,
         "query": cfg.query,
+        "trainer.compile": cfg.trainer.compile,
     }
 
 

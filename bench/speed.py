@@ -1,6 +1,7 @@
 """Speed and memory of fewshot's meta-learning workloads against the best existing implementations.
 
     OMP_NUM_THREADS=1 python bench/speed.py [--threads 1] [--iters 10] [--only maml_omniglot_5w1s]
+        [--vmap] [--compile]    # also the MAML rows with algo.vmap_tasks / trainer.compile
 
 Every workload runs in a fresh child process (so peak RSS is its own) on synthetic inputs of the
 paper's shapes, and prints median seconds per meta-iteration and per test episode, peak RSS, the
@@ -39,6 +40,7 @@ class Workload:
     image_size: int
     in_channels: int
     reference: dict = field(default_factory=dict)  # s_train, s_test, rss_gb of the best other code
+    compile: bool = False  # trainer.compile: torch.compile evaluation's inner loop
 
 
 MAML_TRANSDUCTIVE = {
@@ -166,6 +168,8 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
     algorithm = build(workload)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
     train_batch, test_batch = episodes(workload, workload.tasks), episodes(workload, 1)
+    if workload.compile:
+        algorithm.compile_evaluation()
 
     def meta_iteration():  # as EpisodicModule.training_step runs it
         optimizer.zero_grad()
@@ -177,6 +181,9 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
             algorithm(test_batch, training=False)
 
     s_train = median_seconds(meta_iteration, iters)
+    start = time.perf_counter()
+    test_episode()  # compiles, with trainer.compile
+    s_first_test = time.perf_counter() - start
     s_test = median_seconds(test_episode, iters)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the probes below
     with FlopCounterMode(display=False) as counter:
@@ -190,6 +197,7 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
             "flops_per_s": counter.get_total_flops() / s_train,
             "dense_flops_per_s": conv_throughput(workload, task_images),
             "rss_gb": rss_gb,
+            "s_first_test": s_first_test,
         }
     )
 
@@ -229,6 +237,9 @@ def main() -> None:
         "--vmap", action="store_true", help="also run the MAML rows with algo.vmap_tasks=true"
     )
     parser.add_argument(
+        "--compile", action="store_true", help="also run the MAML rows with trainer.compile=true"
+    )
+    parser.add_argument(
         "--memory-steps",
         nargs="*",
         type=int,
@@ -242,20 +253,29 @@ def main() -> None:
         f"{'RSS GB':>6} {'ref GB':>6} {'GFLOP/s':>7} {'of dense':>8}"
     )
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    maml = [w for w in workloads if w.algo["name"] == "maml"]
     if args.vmap:
         workloads += [
-            replace(w, name=f"{w.name}+vmap", algo={**w.algo, "vmap_tasks": True})
-            for w in workloads
-            if w.algo["name"] == "maml"
+            replace(w, name=f"{w.name}+vmap", algo={**w.algo, "vmap_tasks": True}) for w in maml
         ]
+    if args.compile:
+        workloads += [replace(w, name=f"{w.name}+compile", compile=True) for w in maml]
+    compile_seconds = {}
     for workload in workloads:
         r = in_child(measure, workload, args.iters, args.threads)
+        if workload.compile:
+            compile_seconds[workload.name] = r["s_first_test"]
         ref = workload.reference
         print(
             f"{workload.name:24} {r['s_train']:7.3f} {ratio(ref.get('s_train'), r['s_train']):>7} "
             f"{r['s_test']:7.4f} {ratio(ref.get('s_test'), r['s_test']):>7} {r['rss_gb']:6.2f} "
             f"{ref.get('rss_gb', float('nan')):6.2f} {r['flops_per_s'] / 1e9:7.1f} "
             f"{r['flops_per_s'] / r['dense_flops_per_s']:8.0%}"
+        )
+    if compile_seconds:
+        print(
+            "first test episode, compiling included: "
+            + ", ".join(f"{name} {s:.1f} s" for name, s in compile_seconds.items())
         )
     if args.memory_steps:
         base = WORKLOADS[0]

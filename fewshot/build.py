@@ -53,6 +53,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.learn_init": _BOOLEAN,
     "algo.first_order": _BOOLEAN,
     "algo.vmap_tasks": _BOOLEAN,
+    "trainer.compile": _BOOLEAN,
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),
     "backbone.channels": int_at_least(1),
@@ -101,6 +102,8 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 def build_module(cfg: DictConfig) -> EpisodicModule:
     backbone = hydra.utils.instantiate(cfg.backbone)
     algorithm = ALGORITHMS[cfg.algo.name].from_config(cfg.algo, backbone)
+    if cfg.trainer.get("compile"):
+        algorithm.compile_evaluation()
     return EpisodicModule(
         algorithm, cfg.algo.meta_lr, cfg.algo.get("grad_clip"), resolved_config(cfg)
     )
@@ -132,6 +135,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     """
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
     set_threads(options.pop("threads"))
+    options.pop("compile", None)  # not a Trainer argument: build_module applies it
     logger = TensorBoardLogger(
         run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
     )

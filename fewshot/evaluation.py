@@ -82,7 +82,7 @@ def evaluate_prefixes(
     result of evaluating n episodes alone.
 
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
-    `way`, `shot`, `query`) to new values; None keeps the run's own.
+    `way`, `shot`, `query`, `trainer.compile`) to new values; None keeps the run's own.
     """
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = stored.copy()
@@ -90,12 +90,13 @@ def evaluate_prefixes(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        if OmegaConf.select(cfg, key) is None:
+        # trainer.compile is how to run, not what was trained: older runs may lack it.
+        if OmegaConf.select(cfg, key) is None and key != "trainer.compile":
             raise ConfigError(
                 f"{key} is not a setting of this checkpoint's run (algo.name="
                 f"{cfg.algo.name!r}, data.name={cfg.data.name!r}); leave it null"
             )
-        OmegaConf.update(cfg, key, value)
+        OmegaConf.update(cfg, key, value, force_add=True)
     check_config(cfg)
     check_checkpoint_fits(
         cfg, stored, "ckpt", ckpt, "evaluate.py scores a checkpoint on its own way and backbone"

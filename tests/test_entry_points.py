@@ -55,6 +55,21 @@ def test_evaluation_uses_the_same_episodes_for_the_same_seed(trained_run, tmp_pa
     assert results[0] == results[1]
 
 
+def test_compiled_evaluation_scores_the_checkpoint_as_the_eager_one(trained_run, tmp_path):
+    accuracies = []
+    for compiled in ("false", "true"):
+        out = tmp_path / f"{compiled}.json"
+        run_script(
+            "evaluate.py",
+            f"ckpt={trained_run}/checkpoints/last.ckpt",
+            "episodes=6",
+            f"trainer.compile={compiled}",
+            f"output={out}",
+        )
+        accuracies.append(json.loads(out.read_text())["test/acc"])
+    assert accuracies[1] == pytest.approx(accuracies[0], abs=1 / 75)  # float noise: one query
+
+
 def test_training_resumes_from_a_checkpoint_with_its_step_count(
     trained_run, quick_overrides, tmp_path
 ):

@@ -68,6 +68,7 @@ class Algorithm(nn.Module, ABC):
         # Passed for the buffers, None makes batch norm normalise with the batch's own statistics
         # and record none: nothing to copy, nothing written.
         self._no_buffers = {name: None for name, _ in backbone.named_buffers()}
+        self._compiled: tuple[Callable, Callable] | None = None  # see compile_evaluation
 
     @classmethod
     def from_config(cls, algo: DictConfig, backbone: nn.Module) -> Algorithm:
@@ -97,10 +98,28 @@ class Algorithm(nn.Module, ABC):
         # Evaluation differentiates only the inner loop, from constants.
         return {name: w.detach() for name, w in weights.items()}
 
+    def compile_evaluation(self) -> None:
+        """torch.compile the passes that evaluation runs without any graph: the inner loop's
+        gradients and the query's logits. Measured on a 1-thread CPU: MAML test episodes 1.25x
+        (Omniglot 20-way) to 1.4x (5-way) faster, after 10-20 s of compiling per episode shape."""
+        self._compiled = (
+            torch.compile(torch.func.grad(self.support_loss), dynamic=False),
+            torch.compile(self._logits, dynamic=False),
+        )
+
+    def _logits(self, weights: Weights, x: Tensor) -> Tensor:
+        return functional_call(self.backbone, (weights, self._no_buffers), (x,))
+
+    def _constant(self, weights: Weights) -> bool:
+        # Compiled passes only where no graph is wanted: evaluation's weights carry none.
+        return self._compiled is not None and not any(w.requires_grad for w in weights.values())
+
     def predict(self, weights: Weights, x: Tensor) -> Tensor:
         """[N, C, H, W] -> [N, way] logits on `weights`, batch norm using the statistics of `x`."""
         self._batch_norm_mode(training=True)
-        return functional_call(self.backbone, (weights, self._no_buffers), (x,))
+        if self._constant(weights) and not torch.is_grad_enabled():
+            return self._compiled[1](weights, x)
+        return self._logits(weights, x)
 
     def support_loss(self, weights: Weights, x: Tensor, y: Tensor) -> Tensor:
         """The learner's cross-entropy on a support batch x [N, C, H, W], y [N]."""
@@ -114,6 +133,9 @@ class Algorithm(nn.Module, ABC):
         torch.func.grad under vmap (torch.autograd.grad cannot see per-task gradients there);
         torch.autograd.grad otherwise, which measured 5-10% faster per task on CPU.
         """
+        if self._constant(weights) and not self.vmap_tasks:
+            self._batch_norm_mode(training=True)
+            return self._compiled[0](weights, x, y)
         if self.vmap_tasks:
             grads = torch.func.grad(self.support_loss)(weights, x, y)
             return grads if create_graph else {n: g.detach() for n, g in grads.items()}
