@@ -49,6 +49,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.inner_epochs": int_at_least(1),
     "algo.inner_batch_size": int_at_least(1),
     "algo.learn_init": ((lambda v: isinstance(v, bool)), "true or false"),
+    "algo.checkpoint_inner": ((lambda v: isinstance(v, bool)), "true or false"),
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),
     "backbone.channels": int_at_least(1),
@@ -75,6 +76,11 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.algo.name not in ALGORITHMS:
         raise ConfigError(
             f"algo.name={cfg.algo.name!r} is unknown; choose one of {list(ALGORITHMS)}"
+        )
+    if OmegaConf.select(cfg, "algo.checkpoint_inner") and cfg.algo.first_order:
+        raise ConfigError(
+            "algo.checkpoint_inner=true has nothing to checkpoint with algo.first_order=true "
+            "(first order keeps no graph through the inner steps): set one of them to false"
         )
     if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
         raise ConfigError(

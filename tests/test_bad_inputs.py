@@ -92,6 +92,12 @@ BAD_INPUTS = [
     ("check_config", ["trainer.max_steps=0"], ["trainer.max_steps=0 is out of range", ">= 1"]),
     ("check_config", ["trainer.val_check_interval=0"], ["trainer.val_check_interval=0", ">= 1"]),
     ("check_config", ["algo.meta_batch_size=0"], ["algo.meta_batch_size=0", ">= 1"]),
+    ("check_config", ["algo.checkpoint_inner=1"], ["algo.checkpoint_inner=1", "true or false"]),
+    (
+        "check_config",
+        ["algo.checkpoint_inner=true", "algo.first_order=true"],
+        ["algo.checkpoint_inner=true", "algo.first_order=true", "nothing to checkpoint"],
+    ),
     (
         "train.py",
         ["backbone.stride=2"],
