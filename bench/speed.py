@@ -7,7 +7,8 @@ Every workload runs in a fresh child process (so peak RSS is its own) on synthet
 paper's shapes, and prints median seconds per meta-iteration and per test episode, peak RSS, the
 ratio to the reference figures (measured on this machine kind: 2-core CPU, 1 torch thread,
 torch 2.15), the FLOP/s it reaches, and the machine's dense conv forward+backward FLOP/s on the
-same layer shapes.
+same layer shapes. Then second-order MAML's peak memory by inner steps, with and without
+algo.checkpoint_inner, and its cost in time (`--memory-only`: this report alone).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ STRIDED = {
     "channels_last": "auto",
 }  # the MAML paper's Omniglot net
 POOLED_32 = {"channels": 32, "padding": 1, "stride": 1, "pool": True, "channels_last": "auto"}
+MEMORY_WORKLOADS = ("maml_omniglot_5w1s", "maml_miniimagenet_5w1s")
 
 WORKLOADS = [
     Workload(
@@ -203,14 +205,21 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
 
 
 def measure_memory(workload: Workload, threads: int, out: mp.Queue) -> None:
-    """Peak RSS growth over the built model during three meta-iterations."""
+    """Peak RSS growth over the built model during three meta-iterations, and their median time."""
+    # The modules train.py has loaded: else the first backward through checkpointed steps (a
+    # backward with given output gradients) loads sympy lazily, ~30 MB that is not the graph's.
+    import fewshot.module  # noqa: F401
+
     torch.set_num_threads(threads)
     algorithm, batch = build(workload), episodes(workload, workload.tasks)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+
+    def meta_iteration():
         algorithm.zero_grad()
         algorithm(batch, training=True, backward=plain_backward)
-    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+
+    seconds = median_seconds(meta_iteration, iters=3, warmup=0)
+    out.put(((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20, seconds))
 
 
 def in_child(target, *args):
@@ -243,11 +252,20 @@ def main() -> None:
         "--memory-steps",
         nargs="*",
         type=int,
-        default=[1, 5, 10],
-        help="inner steps at which to report second-order MAML's memory (first workload)",
+        default=[1, 5, 10, 20],
+        help="inner steps at which to report second-order MAML's memory, with and without "
+        "algo.checkpoint_inner (none: skip the report)",
     )
+    parser.add_argument("--memory-only", action="store_true", help="only the memory report")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.iters}")
+    if not args.memory_only:
+        speed_table(args)
+    if args.memory_steps:
+        memory_report(args)
+
+
+def speed_table(args: argparse.Namespace) -> None:
     print(
         f"{'workload':24} {'s/iter':>7} {'speedup':>7} {'s/test':>7} {'speedup':>7} "
         f"{'RSS GB':>6} {'ref GB':>6} {'GFLOP/s':>7} {'of dense':>8}"
@@ -277,20 +295,35 @@ def main() -> None:
             "first test episode, compiling included: "
             + ", ".join(f"{name} {s:.1f} s" for name, s in compile_seconds.items())
         )
-    if args.memory_steps:
-        base = WORKLOADS[0]
-        growth = {}
-        for steps in args.memory_steps:
-            workload = replace(base, algo={**base.algo, "inner_steps": steps})
-            growth[steps] = in_child(measure_memory, workload, args.threads)
-        print(
-            f"second-order {base.name}, peak RSS growth over the model by inner steps: "
-            + ", ".join(f"{k}: {v:.2f} GB" for k, v in growth.items())
-        )
     print(
         "speedup = reference time / ours (target: >= 2x training, >= 3x test episode); "
         "references: learn2learn (MAML), the paper's PyTorch port (Meta-LSTM)"
     )
+
+
+def memory_report(args: argparse.Namespace) -> None:
+    """Second-order MAML's memory by inner steps, plain and with checkpoint_inner (84 px
+    Mini-ImageNet activations are where checkpointing matters), and what it costs in time."""
+    print(
+        "second-order MAML, peak RSS growth over the model in GB by inner steps, "
+        "plain / checkpoint_inner (time per meta-iteration, checkpoint_inner / plain):"
+    )
+    for name in MEMORY_WORKLOADS:
+        if args.only and name not in args.only:
+            continue
+        base = next(w for w in WORKLOADS if w.name == name)
+        cells = []
+        for steps in args.memory_steps:
+            (plain_gb, plain_s), (ckpt_gb, ckpt_s) = (
+                in_child(
+                    measure_memory,
+                    replace(base, algo={**base.algo, "inner_steps": steps, "checkpoint_inner": c}),
+                    args.threads,
+                )
+                for c in (False, True)
+            )
+            cells.append(f"{steps}: {plain_gb:.2f}/{ckpt_gb:.2f} ({ckpt_s / plain_s:.2f}x)")
+        print(f"  {name:24} " + "  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.first_order": _BOOLEAN,
     "algo.vmap_tasks": _BOOLEAN,
     "trainer.compile": _BOOLEAN,
+    "algo.checkpoint_inner": _BOOLEAN,
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),
     "backbone.channels": int_at_least(1),
@@ -84,6 +85,16 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.algo.name not in ALGORITHMS:
         raise ConfigError(
             f"algo.name={cfg.algo.name!r} is unknown; choose one of {list(ALGORITHMS)}"
+        )
+    if OmegaConf.select(cfg, "algo.checkpoint_inner") and cfg.algo.first_order:
+        raise ConfigError(
+            "algo.checkpoint_inner=true has nothing to checkpoint with algo.first_order=true "
+            "(first order keeps no graph through the inner steps): set one of them to false"
+        )
+    if OmegaConf.select(cfg, "algo.checkpoint_inner") and cfg.algo.get("vmap_tasks"):
+        raise ConfigError(
+            "algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true (torch.func.vmap "
+            "does not batch its recomputation, a custom autograd Function): set one of them to false"
         )
     if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
         raise ConfigError(

@@ -98,6 +98,17 @@ BAD_INPUTS = [
         ["backbone.channels_last=1"],
         ["backbone.channels_last=1", "true, false or auto"],
     ),
+    ("check_config", ["algo.checkpoint_inner=1"], ["algo.checkpoint_inner=1", "true or false"]),
+    (
+        "check_config",
+        ["algo.checkpoint_inner=true", "algo.first_order=true"],
+        ["algo.checkpoint_inner=true", "algo.first_order=true", "nothing to checkpoint"],
+    ),
+    (
+        "check_config",
+        ["algo.checkpoint_inner=true", "algo.vmap_tasks=true"],
+        ["algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true", "set one of them"],
+    ),
     (
         "train.py",
         ["backbone.stride=2"],

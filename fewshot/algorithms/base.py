@@ -73,12 +73,15 @@ class Algorithm(nn.Module, ABC):
     @classmethod
     def from_config(cls, algo: DictConfig, backbone: nn.Module) -> Algorithm:
         """Build from the `algo` config group, whose keys name the constructor's arguments (the
-        group's other keys, such as meta_lr, belong to the outer loop). An argument with a
-        default may be missing: configs stored in older checkpoints predate it."""
+        group's other keys, such as meta_lr, belong to the outer loop). A key the config lacks
+        takes the argument's default: the configs stored in older checkpoints predate it."""
+        parameters = inspect.signature(cls.__init__).parameters
         names = [
-            n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "backbone")
+            n
+            for n, p in parameters.items()
+            if n not in ("self", "backbone") and (n in algo or p.default is inspect.Parameter.empty)
         ]
-        return cls(backbone, **{name: algo[name] for name in names if name in algo})
+        return cls(backbone, **{name: algo[name] for name in names})
 
     @abstractmethod
     def adapt(
