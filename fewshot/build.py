@@ -91,6 +91,11 @@ def check_config(cfg: DictConfig) -> None:
             "algo.checkpoint_inner=true has nothing to checkpoint with algo.first_order=true "
             "(first order keeps no graph through the inner steps): set one of them to false"
         )
+    if OmegaConf.select(cfg, "backbone.channels_last") is True and cfg.algo.get("vmap_tasks"):
+        raise ConfigError(
+            "backbone.channels_last=true cannot run with algo.vmap_tasks=true (vmap keeps tensors "
+            "in the standard layout): set backbone.channels_last=auto or false"
+        )
     if OmegaConf.select(cfg, "algo.checkpoint_inner") and cfg.algo.get("vmap_tasks"):
         raise ConfigError(
             "algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true (torch.func.vmap "

@@ -65,6 +65,10 @@ class Algorithm(nn.Module, ABC):
         self.backbone = backbone
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
         self.vmap_tasks = vmap_tasks
+        if vmap_tasks and getattr(backbone, "channels_last", False):
+            # vmap cannot lay out batched tensors channels-last; an explicit
+            # backbone.channels_last=true with vmap_tasks is refused by check_config.
+            backbone.channels_last = False
         # Passed for the buffers, None makes batch norm normalise with the batch's own statistics
         # and record none: nothing to copy, nothing written.
         self._no_buffers = {name: None for name, _ in backbone.named_buffers()}

@@ -61,3 +61,18 @@ def test_vmapped_tasks_hand_the_whole_meta_loss_to_one_backward():
     _, vmapped = twins(False, "transductive")
     vmapped(double_episodes(tasks=3), training=True, backward=lambda loss, last: calls.append(last))
     assert calls == [True]  # under DDP: one all-reduce for the batch
+
+
+def test_vmapped_tasks_run_on_a_backbone_laid_out_channels_last_by_auto():
+    torch.manual_seed(0)
+    backbone = Conv4(3, 64, 3, channels=4, padding=1, stride=1, pool=True, channels_last="auto")
+    algorithm = MAML(backbone, 0.5, 1, 1, False, "transductive", "transductive", vmap_tasks=True)
+    batch = conv_episode(tasks=2)
+    images = batch.support_x.expand(-1, -1, 3, -1, -1)
+    batch = batch._replace(
+        support_x=torch.nn.functional.interpolate(images.flatten(0, 1), 64).unflatten(0, (2, -1)),
+        query_x=torch.nn.functional.interpolate(
+            batch.query_x.expand(-1, -1, 3, -1, -1).flatten(0, 1), 64
+        ).unflatten(0, (2, -1)),
+    )
+    assert torch.isfinite(algorithm(batch, training=True, backward=plain_backward).loss)
