@@ -107,8 +107,8 @@ class Algorithm(nn.Module, ABC):
 
     def compile_evaluation(self) -> None:
         """torch.compile the passes that evaluation runs without any graph: the inner loop's
-        gradients and the query's logits. Measured on a 1-thread CPU: MAML test episodes 1.25x
-        (Omniglot 20-way) to 1.4x (5-way) faster, after 10-20 s of compiling per episode shape."""
+        gradients and the query's logits. Measured on a 1-thread CPU: Omniglot MAML test episodes
+        1.1-1.25x (20-way) to 1.3-1.4x (5-way) faster, after 3-20 s of compiling per shape."""
         self._compiled = (
             torch.compile(torch.func.grad(self.support_loss), dynamic=False),
             torch.compile(self._logits, dynamic=False),
