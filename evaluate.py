@@ -32,6 +32,7 @@ def run_overrides(cfg: DictConfig) -> dict[str, Any]:
         "shot": cfg.shot,
         "query": cfg.query,
         "trainer.compile": cfg.trainer.compile,
+        "trainer.precision": cfg.trainer.precision,
     }
 
 

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/speed.py [--threads 1] [--iters 10] [--only maml_omniglot_5w1s]
         [--vmap] [--compile]    # also the MAML rows with algo.vmap_tasks / trainer.compile
+        [--bf16]                # also every row under bfloat16 autocast
 
 Every workload runs in a fresh child process (so peak RSS is its own) on synthetic inputs of the
 paper's shapes, and prints median seconds per meta-iteration and per test episode, peak RSS, the
@@ -19,6 +20,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from omegaconf import OmegaConf
@@ -42,6 +44,7 @@ class Workload:
     in_channels: int
     reference: dict = field(default_factory=dict)  # s_train, s_test, rss_gb of the best other code
     compile: bool = False  # trainer.compile: torch.compile evaluation's inner loop
+    bf16: bool = False  # trainer.precision=bf16-mixed: bfloat16 autocast
 
 
 MAML_TRANSDUCTIVE = {
@@ -173,13 +176,17 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
     if workload.compile:
         algorithm.compile_evaluation()
 
+    # As Lightning runs steps under trainer.precision=bf16-mixed (the optimiser step outside).
+    autocast = partial(torch.autocast, "cpu", torch.bfloat16, enabled=workload.bf16)
+
     def meta_iteration():  # as EpisodicModule.training_step runs it
         optimizer.zero_grad()
-        algorithm(train_batch, training=True, backward=plain_backward)
+        with autocast():
+            algorithm(train_batch, training=True, backward=plain_backward)
         optimizer.step()
 
     def test_episode():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             algorithm(test_batch, training=False)
 
     s_train = median_seconds(meta_iteration, iters)
@@ -249,6 +256,11 @@ def main() -> None:
         "--compile", action="store_true", help="also run the MAML rows with trainer.compile=true"
     )
     parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also run every row with trainer.precision=bf16-mixed (not the papers' precision)",
+    )
+    parser.add_argument(
         "--memory-steps",
         nargs="*",
         type=int,
@@ -278,6 +290,10 @@ def speed_table(args: argparse.Namespace) -> None:
         ]
     if args.compile:
         workloads += [replace(w, name=f"{w.name}+compile", compile=True) for w in maml]
+    if args.bf16:
+        workloads += [
+            replace(w, name=f"{w.name}+bf16", bf16=True) for w in workloads if "+" not in w.name
+        ]
     compile_seconds = {}
     for workload in workloads:
         r = in_child(measure, workload, args.iters, args.threads)

@@ -54,6 +54,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "algo.first_order": _BOOLEAN,
     "algo.vmap_tasks": _BOOLEAN,
     "trainer.compile": _BOOLEAN,
+    # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
+    # backward passes (and bf16 needs none).
+    "trainer.precision": ((lambda v: v in ("32-true", "bf16-mixed")), "32-true or bf16-mixed"),
     "algo.checkpoint_inner": _BOOLEAN,
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),

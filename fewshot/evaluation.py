@@ -48,7 +48,13 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "batch_norm": cfg.algo.batch_norm_test,
         "batch_norm_train": cfg.algo.batch_norm_train,
         "episode_seed": cfg.seed,
+        "precision": precision(cfg),
     }
+
+
+def precision(cfg: DictConfig) -> str:
+    """The run's trainer.precision; runs from before the key existed trained in float32."""
+    return OmegaConf.select(cfg, "trainer.precision", default=None) or "32-true"
 
 
 def inner_loop_summary(protocol: dict[str, Any]) -> str:
@@ -82,7 +88,8 @@ def evaluate_prefixes(
     result of evaluating n episodes alone.
 
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
-    `way`, `shot`, `query`, `trainer.compile`) to new values; None keeps the run's own.
+    `way`, `shot`, `query`, `trainer.compile`, `trainer.precision`) to new values; None keeps
+    the run's own.
     """
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = stored.copy()
@@ -90,8 +97,8 @@ def evaluate_prefixes(
     for key, value in (overrides or {}).items():
         if value is None:
             continue
-        # trainer.compile is how to run, not what was trained: older runs may lack it.
-        if OmegaConf.select(cfg, key) is None and key != "trainer.compile":
+        # trainer keys say how to run, not what was trained: older runs may lack them.
+        if OmegaConf.select(cfg, key) is None and not key.startswith("trainer."):
             raise ConfigError(
                 f"{key} is not a setting of this checkpoint's run (algo.name="
                 f"{cfg.algo.name!r}, data.name={cfg.data.name!r}); leave it null"
@@ -117,6 +124,7 @@ def evaluate_prefixes(
         inference_mode=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        precision=precision(cfg),
     )
     trainer.test(module, datamodule, verbose=False)
     accuracies = torch.cat(module.test_accuracies)  # [max(counts)], in episode order

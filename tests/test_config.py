@@ -66,6 +66,7 @@ def test_evaluate_config_composes():
         ("algo=metalstm algo.hidden_size=0", "algo.hidden_size=0 is out of range"),
         ("algo=metalstm algo.grad_clip=-1", "algo.grad_clip=-1 is out of range"),
         ("algo=metalstm algo.learn_init=maybe", "algo.learn_init='maybe' is out of range"),
+        ("trainer.precision=16-mixed", "trainer.precision='16-mixed' is out of range"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, message):

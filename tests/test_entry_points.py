@@ -67,6 +67,13 @@ def test_compiled_evaluation_scores_the_checkpoint_as_the_eager_one(trained_run,
     assert accuracies[1] == pytest.approx(accuracies[0], abs=1 / 75)
 
 
+def test_bf16_evaluation_of_a_float32_run_says_so_in_its_protocol(trained_run, tmp_path):
+    out = tmp_path / "bf16.json"
+    accuracy = last_checkpoint_accuracy(trained_run, out, "trainer.precision=bf16-mixed")
+    assert json.loads(out.read_text())["protocol"]["precision"] == "bf16-mixed"
+    assert 0 <= accuracy <= 1
+
+
 def test_training_resumes_from_a_checkpoint_with_its_step_count(
     trained_run, quick_overrides, tmp_path
 ):

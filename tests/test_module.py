@@ -18,18 +18,27 @@ class GradientNorms(pl.Callback):
         self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
 
 
+def episodes_as_loaded() -> DataLoader:
+    batch = conv_episode()  # images travel as uint8-valued tensors
+    return DataLoader(
+        [batch._replace(support_x=batch.support_x * 255, query_x=batch.query_x * 255)] * 2,
+        batch_size=None,
+    )
+
+
+def quick_trainer(**options) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", inference_mode=False,
+        **options,
+    )  # fmt: skip
+
+
 def meta_gradient_norms(grad_clip: float | None) -> list[float]:
     algorithm, _ = small("maml")
-    batch = conv_episode()
-    batch = batch._replace(support_x=batch.support_x * 255, query_x=batch.query_x * 255)
     norms = GradientNorms()
-    trainer = pl.Trainer(
-        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[norms], accelerator="cpu",
-    )  # fmt: skip
-    trainer.fit(
-        EpisodicModule(algorithm, 1e-3, grad_clip, {}),
-        train_dataloaders=DataLoader([batch] * 2, batch_size=None),
+    quick_trainer(callbacks=[norms]).fit(
+        EpisodicModule(algorithm, 1e-3, grad_clip, {}), train_dataloaders=episodes_as_loaded()
     )
     return norms.norms
 
@@ -38,3 +47,17 @@ def test_meta_gradient_norm_is_clipped_to_grad_clip():
     unclipped = meta_gradient_norms(None)
     assert min(unclipped) > 0.01
     assert max(meta_gradient_norms(0.01)) <= 0.01 * (1 + 1e-4)
+
+
+def test_bf16_mixed_precision_runs_the_convolutions_in_bfloat16_when_training_and_testing():
+    algorithm, _ = small("maml")
+    dtypes: list[torch.dtype] = []
+    conv = next(m for m in algorithm.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    trainer = quick_trainer(precision="bf16-mixed")
+    module = EpisodicModule(algorithm, 1e-3, None, {})
+    trainer.fit(module, train_dataloaders=episodes_as_loaded())
+    trained = len(dtypes)
+    trainer.test(module, dataloaders=episodes_as_loaded(), verbose=False)
+    assert 0 < trained < len(dtypes)
+    assert set(dtypes) == {torch.bfloat16}

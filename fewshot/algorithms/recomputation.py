@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 from torch import Tensor
@@ -35,6 +36,12 @@ class _Recomputed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: Step, names: tuple[str, ...], *tensors: Tensor) -> tuple[Tensor, ...]:
         ctx.step, ctx.names = step, names
+        # The recomputation must round as the forward did (under trainer.precision=bf16-mixed).
+        ctx.autocast = [
+            (device, torch.get_autocast_dtype(device))
+            for device in ("cpu", "cuda")
+            if torch.is_autocast_enabled(device)
+        ]
         ctx.save_for_backward(*tensors)
         # The step needs grad to take its inner gradient; the graph it builds here on detached
         # copies dies with this call.
@@ -46,7 +53,10 @@ class _Recomputed(torch.autograd.Function):
     @once_differentiable  # the meta-gradient is not differentiated again (no third order)
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         inputs = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-        with torch.enable_grad():
+        with torch.enable_grad(), ExitStack() as autocast:
+            for device, dtype in ctx.autocast:
+                autocast.enter_context(torch.autocast(device, dtype))
             out = ctx.step(dict(zip(ctx.names, inputs)))
+        # Differentiated outside autocast, as the plain graph is by a backward pass outside it.
         input_grads = torch.autograd.grad(list(out.values()), inputs, grads, allow_unused=True)
         return (None, None, *input_grads)
