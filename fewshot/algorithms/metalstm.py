@@ -105,7 +105,11 @@ class MetaLSTM(Algorithm):
         f = i = torch.zeros_like(c, requires_grad=False)  # f_0 = i_0 = 0 [P]
         state = None  # layer 1's (h, cell) [P, hidden]
         for x, y in self.batches(support_x, support_y):
-            loss, grad = self.learner_loss_and_gradient(c, start, x, y)
+            # The learner's loss and gradient enter the update as data: no second-order term.
+            loss, grads = self.support_loss_and_gradients(
+                unflatten(c.detach(), start), x, y, create_graph=False
+            )
+            grad = flatten(grads)
             # At evaluation the update builds no graph: nothing is differentiated through it.
             with torch.set_grad_enabled(training):
                 c, f, i, state = self.step(c, grad, loss, f, i, state)
@@ -124,16 +128,6 @@ class MetaLSTM(Algorithm):
             order = torch.randperm(n, generator=generator).to(support_y.device)
             for index in order.tensor_split(count):
                 yield support_x[index], support_y[index]
-
-    def learner_loss_and_gradient(
-        self, c: Tensor, like: Weights, x: Tensor, y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The learner's loss [] and flat gradient [P] at parameters `c` on a batch, as data."""
-        with torch.enable_grad():
-            leaf = c.detach().requires_grad_()
-            loss = self.support_loss(unflatten(leaf, like), x, y)
-            (grad,) = torch.autograd.grad(loss, leaf)
-        return loss.detach(), grad
 
     def step(
         self,

@@ -1,20 +1,19 @@
 """torch.compile'd evaluation gives the eager evaluation's outcome and leaves training eager."""
 
+import pytest
 import torch
 
-from fewshot.algorithms import MAML
-from fewshot.models.conv4 import Conv4
+from tests.algorithms.test_interface import ALGORITHM_NAMES, small
 from tests.conftest import conv_episode
 
-
-def maml() -> MAML:
-    torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    return MAML(backbone, 0.5, 1, 3, False, "transductive", "transductive")
+# Per task at evaluation: compiled inner gradients, and compiled logits for the scores traced
+# before and after each update plus the final one.
+COMPILED_CALLS = {"maml": (3, 4 + 1), "metalstm": (4, 5 + 1)}
 
 
-def test_compiled_evaluation_scores_episodes_as_the_eager_one():
-    eager, compiled = maml(), maml()
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_compiled_evaluation_scores_episodes_as_the_eager_one(name):
+    (eager, _), (compiled, _) = small(name), small(name)
     compiled.compile_evaluation()
     calls = []
 
@@ -28,13 +27,30 @@ def test_compiled_evaluation_scores_episodes_as_the_eager_one():
         got = compiled(batch, training=False, track_steps=True)
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.step_accuracy, expected.step_accuracy)
-    assert got.step_accuracy[-1] != got.step_accuracy[0]  # adaptation ran
-    # 2 tasks x 3 steps of compiled gradients; compiled logits for the 4 traced + 1 final scores
-    assert calls.count("grad") == 6 and calls.count("logits") == 2 * 5
+    gradients, logits = COMPILED_CALLS[name]
+    assert calls.count("grad") == 2 * gradients and calls.count("logits") == 2 * logits
 
 
-def test_compiled_evaluation_leaves_the_meta_gradient_eager():
-    eager, compiled = maml(), maml()
+def test_compiled_inner_gradients_equal_the_eager_ones():
+    (eager, _), (compiled, _) = small("maml"), small("maml")
+    compiled.compile_evaluation()
+    batch = conv_episode()
+    weights = {n: w.detach() for n, w in eager.backbone.named_parameters()}
+    with torch.no_grad():
+        results = [
+            a.support_loss_and_gradients(weights, batch.support_x[0], batch.support_y[0], False)
+            for a in (eager, compiled)
+        ]
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss)
+    for name, grad in eager_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_compiled_evaluation_leaves_the_meta_gradient_eager(name):
+    (eager, _), (compiled, _) = small(name), small(name)
     compiled.compile_evaluation()
     batch = conv_episode(tasks=2)
     for algorithm in (eager, compiled):
