@@ -67,7 +67,8 @@ def main(cfg: DictConfig) -> float | None:
     print(
         f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
         f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
-        f"{p['algorithm']} {inner_loop_summary(p)}, {p['batch_norm']} batch norm) -> {output}"
+        f"{p['algorithm']} {inner_loop_summary(p)}, {p['batch_norm']} batch norm, "
+        f"{p['precision']}) -> {output}"
     )
     return result["test/acc"]
 

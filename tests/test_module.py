@@ -49,11 +49,17 @@ def test_meta_gradient_norm_is_clipped_to_grad_clip():
     assert max(meta_gradient_norms(0.01)) <= 0.01 * (1 + 1e-4)
 
 
-def test_bf16_mixed_precision_runs_the_convolutions_in_bfloat16_when_training_and_testing():
+def test_bf16_mixed_precision_runs_the_backbone_in_bfloat16_when_training_and_testing():
     algorithm, _ = small("maml")
     dtypes: list[torch.dtype] = []
-    conv = next(m for m in algorithm.backbone.modules() if isinstance(m, torch.nn.Conv2d))
-    conv.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    run_backbone = algorithm.run_backbone
+
+    def recording(*args):
+        logits = run_backbone(*args)
+        dtypes.append(logits.dtype)
+        return logits
+
+    algorithm.run_backbone = recording
     trainer = quick_trainer(precision="bf16-mixed")
     module = EpisodicModule(algorithm, 1e-3, None, {})
     trainer.fit(module, train_dataloaders=episodes_as_loaded())

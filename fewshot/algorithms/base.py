@@ -115,7 +115,17 @@ class Algorithm(nn.Module, ABC):
         )
 
     def _logits(self, weights: Weights, x: Tensor) -> Tensor:
-        return functional_call(self.backbone, (weights, self._no_buffers), (x,))
+        return self.run_backbone(weights, self._no_buffers, x)
+
+    def run_backbone(
+        self, weights: Weights, buffers: dict[str, Tensor | None], x: Tensor
+    ) -> Tensor:
+        """The backbone's forward pass on `weights` and `buffers` instead of its own: by its
+        `forward_with` where it has one (Conv4), else by torch.func.functional_call."""
+        forward_with = getattr(self.backbone, "forward_with", None)
+        if forward_with is not None:
+            return forward_with(weights, buffers, x)
+        return functional_call(self.backbone, (weights, buffers), (x,))
 
     def _compiled_applies(self, weights: Weights) -> bool:
         # Only in evaluation: no graph wanted (Lightning validates and tests under no_grad) and
@@ -193,9 +203,9 @@ class Algorithm(nn.Module, ABC):
         }
         self._batch_norm_mode(training=True)
         with torch.no_grad():
-            functional_call(self.backbone, (weights, buffers), (support_x,))
+            self.run_backbone(weights, buffers, support_x)
         self._batch_norm_mode(training=False)
-        return functional_call(self.backbone, (weights, buffers), (query_x,))
+        return self.run_backbone(weights, buffers, query_x)
 
     def _batch_norm_mode(self, training: bool) -> None:
         # train() walks every submodule on every call (a hot path: once per forward pass);

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -18,6 +20,39 @@ def test_head_size_is_derived_from_the_layer_settings(image_size, padding, strid
 def test_a_backbone_that_shrinks_the_image_to_nothing_names_the_block_and_keys():
     with pytest.raises(ConfigError, match=r"block 3 of 4.*data.image_size=12.*backbone.padding=0"):
         Conv4(1, 12, num_classes=5, channels=8, padding=0, stride=1, pool=True)
+
+
+def layers_forward(net: Conv4, x: torch.Tensor) -> torch.Tensor:
+    """The net run as its modules would run it."""
+    return net.head(net.features(x))
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stride, pool", [(1, True), (2, False)])
+def test_forward_with_runs_the_net_as_its_layers_do_and_fills_the_buffers_alike(
+    training, stride, pool
+):
+    torch.manual_seed(0)
+    net = Conv4(3, 16, num_classes=5, channels=8, padding=1, stride=stride, pool=pool)
+    net.train(training)
+    reference = copy.deepcopy(net)
+    x = torch.rand(6, 3, 16, 16)
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+    logits = net.forward_with(dict(net.named_parameters()), buffers, x)
+    torch.testing.assert_close(logits, layers_forward(reference, x))
+    for name, buffer in reference.named_buffers():
+        if not name.endswith("num_batches_tracked"):  # a count momentum=1 does not read
+            torch.testing.assert_close(buffers[name], buffer, msg=name)
+
+
+def test_forward_with_no_buffers_normalises_with_the_batch_statistics_even_in_eval_mode():
+    net = Conv4(1, 28, num_classes=5, channels=8, padding=1, stride=2, pool=False).eval()
+    x = torch.rand(4, 1, 28, 28)
+    no_buffers = {n: None for n, _ in net.named_buffers()}
+    expected = layers_forward(copy.deepcopy(net).train(), x)
+    torch.testing.assert_close(
+        net.forward_with(dict(net.named_parameters()), no_buffers, x), expected
+    )
 
 
 def test_functional_call_on_its_own_parameters_equals_forward():
