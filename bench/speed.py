@@ -1,7 +1,7 @@
 """Speed and memory of fewshot's meta-learning workloads against the best existing implementations.
 
     OMP_NUM_THREADS=1 python bench/speed.py [--threads 1] [--iters 10] [--only maml_omniglot_5w1s]
-        [--vmap] [--compile]    # also the MAML rows with algo.vmap_tasks / trainer.compile
+        [--vmap] [--compile]    # also the MAML rows with algo.vmap_tasks / every row compiled
         [--bf16]                # also every row under bfloat16 autocast
 
 Every workload runs in a fresh child process (so peak RSS is its own) on synthetic inputs of the
@@ -253,7 +253,7 @@ def main() -> None:
         "--vmap", action="store_true", help="also run the MAML rows with algo.vmap_tasks=true"
     )
     parser.add_argument(
-        "--compile", action="store_true", help="also run the MAML rows with trainer.compile=true"
+        "--compile", action="store_true", help="also run every row with trainer.compile=true"
     )
     parser.add_argument(
         "--bf16",
@@ -283,17 +283,16 @@ def speed_table(args: argparse.Namespace) -> None:
         f"{'RSS GB':>6} {'ref GB':>6} {'GFLOP/s':>7} {'of dense':>8}"
     )
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    maml = [w for w in workloads if w.algo["name"] == "maml"]
+    base = list(workloads)
+    maml = [w for w in base if w.algo["name"] == "maml"]  # Meta-LSTM has no vmap_tasks
     if args.vmap:
         workloads += [
             replace(w, name=f"{w.name}+vmap", algo={**w.algo, "vmap_tasks": True}) for w in maml
         ]
     if args.compile:
-        workloads += [replace(w, name=f"{w.name}+compile", compile=True) for w in maml]
+        workloads += [replace(w, name=f"{w.name}+compile", compile=True) for w in base]
     if args.bf16:
-        workloads += [
-            replace(w, name=f"{w.name}+bf16", bf16=True) for w in workloads if "+" not in w.name
-        ]
+        workloads += [replace(w, name=f"{w.name}+bf16", bf16=True) for w in base]
     compile_seconds = {}
     for workload in workloads:
         r = in_child(measure, workload, args.iters, args.threads)
