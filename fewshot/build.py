@@ -104,6 +104,12 @@ def check_config(cfg: DictConfig) -> None:
             "algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true (torch.func.vmap "
             "does not batch its recomputation, a custom autograd Function): set one of them to false"
         )
+    if OmegaConf.select(cfg, "trainer.precision") == "bf16-mixed" and cfg.algo.get("vmap_tasks"):
+        raise ConfigError(
+            "trainer.precision=bf16-mixed cannot run with algo.vmap_tasks=true (torch.func.grad "
+            "under autocast fails with a dtype mismatch in torch 2.15): set "
+            "trainer.precision=32-true or algo.vmap_tasks=false"
+        )
     if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
         raise ConfigError(
             f"trainer.val_check_interval={cfg.trainer.val_check_interval} exceeds "

@@ -110,6 +110,11 @@ BAD_INPUTS = [
         ["algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true", "set one of them"],
     ),
     (
+        "check_config",
+        ["trainer.precision=bf16-mixed", "algo.vmap_tasks=true"],
+        ["trainer.precision=bf16-mixed cannot run with algo.vmap_tasks=true", "32-true"],
+    ),
+    (
         "train.py",
         ["backbone.stride=2"],
         [
