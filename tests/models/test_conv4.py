@@ -61,10 +61,32 @@ def test_functional_call_on_its_own_parameters_equals_forward():
     assert torch.allclose(functional_call(net, dict(net.named_parameters()), (x,)), net(x))
 
 
-@pytest.mark.parametrize("image_size, expected", [(28, False), (84, True)])
-def test_auto_layout_is_channels_last_from_64_pixels(image_size, expected):
-    net = Conv4(3, image_size, 5, channels=8, padding=1, stride=1, pool=True, channels_last="auto")
+@pytest.mark.parametrize(
+    "image_size, stride, pool, expected",
+    [(28, 2, False, False), (28, 1, True, True), (84, 1, True, True), (84, 2, False, True)],
+)
+def test_auto_layout_is_channels_last_for_pooling_nets_and_from_64_pixels(
+    image_size, stride, pool, expected
+):
+    net = Conv4(3, image_size, 5, 8, padding=1, stride=stride, pool=pool, channels_last="auto")
     assert net.channels_last is expected
+
+
+def test_one_channel_images_reach_batch_norm_and_pooling_channels_last():
+    # A [N, 1, H, W] batch is laid out both ways at once; the first conv's output is not,
+    # unless converted.
+    net = Conv4(1, 28, 5, channels=8, padding=1, stride=1, pool=True, channels_last=True)
+    layouts = []
+    for layer in net.features:
+        if isinstance(layer, torch.nn.MaxPool2d):
+            layer.register_forward_hook(
+                lambda m, inputs, out: layouts.append(
+                    inputs[0].is_contiguous(memory_format=torch.channels_last)
+                    and not inputs[0].is_contiguous()
+                )
+            )
+    net(torch.rand(4, 1, 28, 28))
+    assert layouts == [True] * 4
 
 
 def test_channels_last_layout_computes_the_same_logits_and_gradients():
