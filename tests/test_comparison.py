@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from tests.conftest import run_script
 
@@ -26,7 +27,13 @@ def test_a_sweep_is_evaluated_into_one_table_best_validation_first(sweep_table):
     for row in evaluated:
         summary = json.loads((sweep_dir / row["run"] / "result.json").read_text())
         assert float(row["val/acc_best"]) == pytest.approx(summary["val/acc"])
-        assert row["steps"] == "2" and row["batch norm (train/test)"] == "transductive/transductive"
+        best = torch.load(
+            sweep_dir / row["run"] / "checkpoints" / "best.ckpt",
+            map_location="cpu",
+            weights_only=False,
+        )
+        assert row["steps"] == str(best["global_step"])  # the best validation's step, 2 or 4
+        assert row["batch norm (train/test)"] == "transductive/transductive"
         assert (
             row["inner loop (test)"] == "base_lr=0.4 inner_steps_test=3"
             and row["status"] == "evaluated"
