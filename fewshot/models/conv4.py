@@ -105,19 +105,20 @@ class Conv4(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for name, layer in self.features.named_children():
-            w, b = (weights.get(f"features.{name}.{k}") for k in ("weight", "bias"))
+            key = f"features.{name}."
             if isinstance(layer, nn.Conv2d):
-                x = F.conv2d(x, w, b, layer.stride, layer.padding)
+                weight, bias = weights[key + "weight"], weights[key + "bias"]
+                x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
                 if self.channels_last:
                     # A 1-channel input (Omniglot) is laid out both ways at once, and torch then
                     # picks the standard layout for the output: convert it, or batch norm and
                     # max-pooling run on it standard (max-pool 10x slower on 28 px maps).
                     x = x.contiguous(memory_format=torch.channels_last)
             elif isinstance(layer, nn.BatchNorm2d):
-                mean = buffers[f"features.{name}.running_mean"]
-                var = buffers[f"features.{name}.running_var"]
+                mean, var = buffers[key + "running_mean"], buffers[key + "running_var"]
+                weight, bias = weights[key + "weight"], weights[key + "bias"]
                 training = self.training or mean is None  # as nn.BatchNorm2d decides
-                x = F.batch_norm(x, mean, var, w, b, training, layer.momentum, layer.eps)
+                x = F.batch_norm(x, mean, var, weight, bias, training, layer.momentum, layer.eps)
             else:
                 x = layer(x)  # ReLU, MaxPool2d, Flatten: no state
         return F.linear(x, weights["head.weight"], weights["head.bias"])
