@@ -53,7 +53,7 @@ MAML_TRANSDUCTIVE = {
     "batch_norm_train": "transductive",
     "batch_norm_test": "transductive",
 }
-# The layout is conf/backbone/conv4.yaml's default: channels-last from 64 px up.
+# The layout is conf/backbone/conv4.yaml's default, auto: channels-last with pool or from 64 px.
 STRIDED = {
     "channels": 64,
     "padding": 1,
