@@ -8,8 +8,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.build import build_datamodule, build_module, build_trainer, check_config
+from fewshot.build import build_datamodule, build_module, build_trainer
 from fewshot.checkpointing import check_resumable, config_subdir, fit_outcome, run_dir_of
+from fewshot.config import check_config
 from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.sweep import recorded_job
 

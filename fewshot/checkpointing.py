@@ -17,6 +17,7 @@ from torch import nn
 
 from fewshot.data.files import atomic_path
 from fewshot.errors import ConfigError, DataError
+from fewshot.module import current_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
         else "resume with the settings the checkpoint was trained with"
     )
     check_checkpoint_fits(cfg, stored, "ckpt_path", path, hint)
-    check_state_fits(module, checkpoint["state_dict"], "ckpt_path", path)
+    check_state_fits(module, current_state_dict(checkpoint["state_dict"]), "ckpt_path", path)
     skip = OPERATIONAL_KEYS + MODEL_KEYS
     keys = tuple(k for k in _leaves(cfg, tuple(cfg)) if not k.startswith(skip))
     changed = _differences(cfg, stored, keys)

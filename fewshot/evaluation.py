@@ -7,22 +7,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from fewshot.algorithms import ALGORITHMS
-from fewshot.build import (
-    build_datamodule,
-    build_module,
-    check_config,
-    check_value,
-    int_at_least,
-    set_threads,
-)
+from fewshot.build import build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
+from fewshot.config import check_config, check_value, int_at_least, upgraded
 from fewshot.errors import ConfigError
+from fewshot.module import current_state_dict
 
 
 def mean_ci95(accuracies: Tensor) -> tuple[float, float]:
@@ -44,12 +39,18 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "query": cfg.query,
         "algorithm": cfg.algo.name,
         "first_order": cfg.algo.get("first_order"),
-        **{key: cfg.algo[key] for key in ALGORITHMS[cfg.algo.name].test_keys},
+        "test_keys": list(test_keys(cfg)),
+        **{key: cfg.algo[key] for key in test_keys(cfg)},
         "batch_norm": cfg.algo.batch_norm_test,
         "batch_norm_train": cfg.algo.batch_norm_train,
         "episode_seed": cfg.seed,
         "precision": precision(cfg),
     }
+
+
+def test_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The `algo` keys that shape the learner's adaptation at test time."""
+    return hydra.utils.get_class(cfg.algo._target_).test_keys
 
 
 def precision(cfg: DictConfig) -> str:
@@ -60,9 +61,15 @@ def precision(cfg: DictConfig) -> str:
 def inner_loop_summary(protocol: dict[str, Any]) -> str:
     """The test-time inner loop a result used, e.g. `base_lr=0.4 inner_steps_test=3`; empty for
     an algorithm fewshot does not have (a result file from elsewhere)."""
-    algorithm = ALGORITHMS.get(protocol.get("algorithm"))
-    keys = algorithm.test_keys if algorithm else ()
+    keys = protocol.get("test_keys", _TEST_KEYS_BEFORE_RECORDED.get(protocol.get("algorithm"), ()))
     return " ".join(f"{key}={protocol[key]}" for key in keys if key in protocol)
+
+
+# Result files written before protocols recorded their test-time keys.
+_TEST_KEYS_BEFORE_RECORDED = {
+    "maml": ("base_lr", "inner_steps_test"),
+    "metalstm": ("inner_epochs", "inner_batch_size"),
+}
 
 
 def evaluate_checkpoint(
@@ -92,7 +99,7 @@ def evaluate_prefixes(
     the run's own.
     """
     stored, checkpoint = load_checkpoint(ckpt)
-    cfg = stored.copy()
+    cfg = upgraded(stored)
     cfg.seed = seed
     for key, value in (overrides or {}).items():
         if value is None:
@@ -112,8 +119,9 @@ def evaluate_prefixes(
         check_value("episodes", n, int_at_least(2))
     set_threads(threads)
     module = build_module(cfg)
-    check_state_fits(module, checkpoint["state_dict"], "ckpt", ckpt)
-    module.load_state_dict(checkpoint["state_dict"])
+    state_dict = current_state_dict(checkpoint["state_dict"])
+    check_state_fits(module, state_dict, "ckpt", ckpt)
+    module.load_state_dict(state_dict)
     datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(

@@ -1,4 +1,5 @@
-"""The LightningModule that runs episodes for any algorithm: optimiser, logging, checkpoints."""
+"""The LightningModule that meta-trains any learner: the per-task backward and DDP's sync rule,
+the optimiser, logging, and the checkpoint's contents."""
 
 from __future__ import annotations
 
@@ -11,26 +12,28 @@ import torch
 from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor
 
-from fewshot.algorithms import Algorithm, EpisodeResults
 from fewshot.data.episodes import Episodes
+from fewshot.learners import EpisodeResults, Learner, run_tasks
+from fewshot.learners.tasks import TaskScorer
 
 
 class EpisodicModule(pl.LightningModule):
-    """Meta-trains `algorithm` with Adam on its meta-parameters, the meta-gradient's norm
-    clipped to `grad_clip` if set; validates and tests on fixed episodes. `config` (the
-    resolved run config) is stored in every checkpoint so that evaluate.py can rebuild the run
-    from the checkpoint alone."""
+    """Meta-trains `learner` with Adam on its meta-parameters, the meta-gradient's norm
+    clipped to `grad_clip` if set; validates and tests on fixed episodes. `tasks` scores a
+    meta-batch (in a loop or batched). `config` (the resolved run config) is stored in every
+    checkpoint so that evaluate.py can rebuild the run from the checkpoint alone."""
 
     def __init__(
-        self, algorithm: Algorithm, meta_lr: float, grad_clip: float | None, config: dict[str, Any]
+        self,
+        learner: Learner,
+        tasks: TaskScorer,
+        meta_lr: float,
+        grad_clip: float | None,
+        config: dict[str, Any],
     ) -> None:
         super().__init__()
-        self.algorithm, self.meta_lr, self.grad_clip, self.config = (
-            algorithm,
-            meta_lr,
-            grad_clip,
-            config,
-        )
+        self.learner, self.tasks = learner, tasks
+        self.meta_lr, self.grad_clip, self.config = meta_lr, grad_clip, config
         # Optimised by hand so that each task's graph is freed by its own backward pass.
         self.automatic_optimization = False
         self.test_accuracies: list[Tensor] = []
@@ -53,7 +56,7 @@ class EpisodicModule(pl.LightningModule):
     def training_step(self, batch: Episodes, batch_idx: int) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        results = self.algorithm(batch, training=True, backward=self._task_backward())
+        results = run_tasks(self.tasks, batch, training=True, backward=self._task_backward())
         if self.grad_clip is not None:
             self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -73,10 +76,10 @@ class EpisodicModule(pl.LightningModule):
         return backward
 
     def validation_step(self, batch: Episodes, batch_idx: int) -> None:
-        self._log_results("val", self.algorithm(batch, training=False, track_steps=True))
+        self._log_results("val", run_tasks(self.tasks, batch, training=False, track_steps=True))
 
     def test_step(self, batch: Episodes, batch_idx: int) -> None:
-        results = self.algorithm(batch, training=False, track_steps=True)
+        results = run_tasks(self.tasks, batch, training=False, track_steps=True)
         self._log_results("test", results)
         self.test_accuracies.append(results.accuracy.cpu())
 
@@ -84,7 +87,33 @@ class EpisodicModule(pl.LightningModule):
         self.test_accuracies = []  # accuracy of every test episode [episodes], for the CI
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.algorithm.parameters(), lr=self.meta_lr)
+        return torch.optim.Adam(self.learner.parameters(), lr=self.meta_lr)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fewshot_config"] = self.config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = current_state_dict(checkpoint["state_dict"])
+
+
+# Names of the state dict before the core redesign -> now (Meta-LSTM's cell became its rule).
+_RENAMED = (
+    ("algorithm.lstm.", "learner.rule.lstm."),
+    ("algorithm.forget_gate.", "learner.rule.forget_gate."),
+    ("algorithm.input_gate.", "learner.rule.input_gate."),
+    ("algorithm.", "learner."),
+)
+# Batch norm kept running statistics to carry the support set's to the query set; they are
+# passed explicitly now, and the buffers are gone.
+_DROPPED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def current_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict of any fewshot version, in the names the current modules use."""
+    current = {}
+    for name, value in state_dict.items():
+        if name.rsplit(".", 1)[-1] in _DROPPED and ".backbone." in name:
+            continue
+        old = next((o for o, _ in _RENAMED if name.startswith(o)), None)
+        current[name if old is None else dict(_RENAMED)[old] + name[len(old) :]] = value
+    return current

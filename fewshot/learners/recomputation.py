@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fewshot.algorithms.base import Weights
+from fewshot.models.functional import Weights
 
 Step = Callable[[Weights], Weights]
 

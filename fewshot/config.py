@@ -1,0 +1,202 @@
+"""Every config key's range and every rule across keys, in one place, checked before any work;
+and a stored run config brought up to the keys the current code reads."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fewshot.errors import ConfigError
+from fewshot.learners.learner import BATCH_NORM_MODES
+from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+Rule = tuple[Callable[[Any], bool], str]  # (test, what is allowed)
+
+
+def int_at_least(low: int) -> Rule:
+    return (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+    ), f"an integer >= {low}"
+
+
+def one_of(*choices: Any) -> Rule:
+    return (lambda v: v in choices), " or ".join(map(str, choices))
+
+
+_POSITIVE: Rule = (
+    (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+    "a number > 0",
+)
+_BOOLEAN: Rule = ((lambda v: isinstance(v, bool)), "true or false")
+_NAMES: Rule = (
+    (lambda v: v is None or (OmegaConf.is_list(v) and all(isinstance(n, str) for n in v))),
+    "null (all parameters) or a list of parameter-name prefixes, e.g. [head]",
+)
+
+# A key absent from the config (another algorithm's) is skipped.
+RULES: dict[str, Rule] = {
+    "way": int_at_least(2),
+    "shot": int_at_least(1),
+    "query": int_at_least(1),
+    "val_episodes": int_at_least(2),
+    "algo.meta_lr": _POSITIVE,
+    "algo.base_lr": _POSITIVE,
+    "algo.meta_batch_size": int_at_least(1),
+    "algo.inner_steps": int_at_least(1),
+    "algo.inner_steps_test": int_at_least(1),
+    "algo.grad_clip": ((lambda v: v is None or _POSITIVE[0](v)), "null or a number > 0"),
+    "algo.hidden_size": int_at_least(1),
+    "algo.inner_epochs": int_at_least(1),
+    "algo.inner_batch_size": int_at_least(1),
+    "algo.learn_init": _BOOLEAN,
+    "algo.first_order": _BOOLEAN,
+    "algo.vmap_tasks": _BOOLEAN,
+    "algo.checkpoint_inner": _BOOLEAN,
+    "algo.adapt_only": _NAMES,
+    "algo.batch_norm_train": one_of(*BATCH_NORM_MODES),
+    "algo.batch_norm_test": one_of(*BATCH_NORM_MODES),
+    "trainer.compile": _BOOLEAN,
+    # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
+    # backward passes (and bf16 needs none).
+    "trainer.precision": one_of("32-true", "bf16-mixed"),
+    "trainer.max_steps": int_at_least(1),
+    "trainer.val_check_interval": int_at_least(1),
+    "backbone.channels": int_at_least(1),
+    "backbone.padding": int_at_least(0),
+    "backbone.stride": int_at_least(1),
+    "backbone.channels_last": (
+        (lambda v: isinstance(v, bool) or v == "auto"),
+        "true, false or auto",
+    ),
+    "data.image_size": int_at_least(1),
+    "data.workers": int_at_least(0),
+}
+
+# Settings that cannot run together: (setting, setting, how they clash, why, what to do).
+EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = (
+    (
+        ("algo.checkpoint_inner", True),
+        ("algo.first_order", True),
+        "has nothing to checkpoint with",
+        "first order keeps no graph through the inner steps",
+        "set one of them to false",
+    ),
+    (
+        ("backbone.channels_last", True),
+        ("algo.vmap_tasks", True),
+        "cannot run with",
+        "vmap keeps tensors in the standard layout",
+        "set backbone.channels_last=auto or false",
+    ),
+    (
+        ("algo.checkpoint_inner", True),
+        ("algo.vmap_tasks", True),
+        "cannot run with",
+        "torch.func.vmap does not batch its recomputation, a custom autograd Function",
+        "set one of them to false",
+    ),
+    (
+        ("trainer.precision", "bf16-mixed"),
+        ("algo.vmap_tasks", True),
+        "cannot run with",
+        "torch.func.grad under autocast fails with a dtype mismatch in torch 2.15",
+        "set trainer.precision=32-true or algo.vmap_tasks=false",
+    ),
+    (
+        ("trainer.compile", True),
+        ("algo.vmap_tasks", True),
+        "cannot run with",
+        "the batched tasks run through torch.func, uncompiled",
+        "set one of them to false",
+    ),
+)
+
+
+def check_value(key: str, value: Any, rule: Rule) -> None:
+    """Raise ConfigError naming `key` unless `value` passes the rule's test."""
+    ok, allowed = rule
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default="<absent>")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value is out of range or that cannot run
+    with another's."""
+    for key, rule in RULES.items():
+        value = _select(cfg, key)
+        if value != "<absent>":
+            check_value(key, value, rule)
+    for (a, a_value), (b, b_value), clash, why, fix in EXCLUSIVE:
+        if _select(cfg, a) == a_value and _select(cfg, b) == b_value:
+            a_text, b_text = (f"{k}={str(v).lower()}" for k, v in ((a, a_value), (b, b_value)))
+            raise ConfigError(f"{a_text} {clash} {b_text} ({why}): {fix}")
+    if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
+        raise ConfigError(
+            f"trainer.val_check_interval={cfg.trainer.val_check_interval} exceeds "
+            f"trainer.max_steps={cfg.trainer.max_steps}: the run would never validate"
+        )
+    check_backbone_fits(cfg)
+
+
+def check_backbone_fits(cfg: DictConfig) -> None:
+    """Raise ConfigError if Conv4's blocks shrink the images to nothing."""
+    backbone = cfg.backbone
+    if backbone.get("_target_") != f"{Conv4.__module__}.{Conv4.__name__}":
+        return
+    blocks, padding, stride, pool = (
+        backbone.get("blocks", 4),
+        backbone.padding,
+        backbone.stride,
+        backbone.pool,
+    )
+    size = cfg.data.image_size
+    for block in range(1, blocks + 1):
+        size = conv_output_size(size, padding, stride, pool)
+        if size < 1:
+            smallest = smallest_image_size(blocks, padding, stride, pool)
+            other = ["backbone.stride=1"] * (stride > 1) + ["backbone.pool=false"] * pool
+            raise ConfigError(
+                f"backbone: block {block} of {blocks} leaves no spatial size for "
+                f"data.image_size={cfg.data.image_size} (backbone.padding={padding}, "
+                f"backbone.stride={stride}, backbone.pool={pool}): expected "
+                f"data.image_size >= {smallest} with these" + "".join(f", or {o}" for o in other)
+            )
+
+
+def backbone_config(cfg: DictConfig) -> DictConfig:
+    """The backbone group with `auto` choices resolved for this run: vmap_tasks cannot batch
+    channels-last tensors, so `auto` means the standard layout there."""
+    backbone = cfg.backbone.copy()
+    if cfg.algo.get("vmap_tasks") and backbone.get("channels_last") == "auto":
+        backbone.channels_last = False
+    return backbone
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config as plain data, with data.root absolute, as stored in checkpoints."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["data"]["root"] = os.path.abspath(os.path.expanduser(config["data"]["root"]))
+    return config
+
+
+def upgraded(stored: DictConfig) -> DictConfig:
+    """A run config stored by any fewshot version, with the keys the current code reads: an
+    `algo` key added since takes its current default (conf/algo/<name>.yaml)."""
+    name = stored.algo.get("name")
+    defaults = CONF / "algo" / f"{name}.yaml"
+    if not defaults.is_file():
+        choices = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+        raise ConfigError(f"algo.name={name!r} is unknown; choose one of {choices}")
+    cfg = stored.copy()
+    cfg.algo = OmegaConf.merge(OmegaConf.load(defaults), stored.algo)
+    return cfg

@@ -1,0 +1,8 @@
+"""Learners behind one interface: an update rule over explicit state, driven by one adapt loop
+(learner.py); tasks scored in a loop or batched by vmap, evaluation optionally compiled
+(tasks.py)."""
+
+from fewshot.learners.learner import Learner
+from fewshot.learners.tasks import EpisodeResults, TaskLoop, VmappedTasks, plain_backward, run_tasks
+
+__all__ = ["EpisodeResults", "Learner", "TaskLoop", "VmappedTasks", "plain_backward", "run_tasks"]

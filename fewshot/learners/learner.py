@@ -1,0 +1,142 @@
+"""The learner: initial weights + a task's support set -> the task's weights, by an update rule
+that one adapt loop drives; and the query's logits under the configured batch-norm mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from itertools import repeat
+
+import torch
+from torch import Tensor, nn
+
+from fewshot.learners.passes import EagerPasses
+from fewshot.learners.recomputation import recomputed
+from fewshot.learners.rules import State, UpdateRule
+from fewshot.models.functional import FunctionalBackbone, Weights
+
+# (support_x, support_y, steps) -> the (x, y) batch of every inner step, in order
+SupportBatches = Callable[[Tensor, Tensor, int], Iterator[tuple[Tensor, Tensor]]]
+
+BATCH_NORM_MODES = ("transductive", "support")
+
+
+def whole_support_set(x: Tensor, y: Tensor, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Every inner step sees the whole support set (MAML)."""
+    return repeat((x, y), steps)
+
+
+class Learner(nn.Module):
+    """Adapts the backbone's weights (the learned initialisation) to a task with `rule`.
+
+    `steps` / `steps_test` inner steps in meta-training / evaluation, on the support batches
+    `support_batches` gives. With `second_order` the meta-gradient flows through the inner
+    gradients; otherwise they enter as constants. `adapt_only` names the parameters that adapt
+    (prefixes of their names, e.g. ("head",)); None: all of them. `checkpoint_inner` keeps only
+    each second-order step's input weights and reruns the step in backward (a stateless rule
+    without meta-parameters only: the rerun must be a function of the weights alone).
+
+    `batch_norm_train` / `batch_norm_test` say which statistics normalise the query set:
+    `transductive`, those of the query batch itself (the MAML paper's code), or `support`, those
+    of the support set, so that each query prediction is independent of the others (Ravi &
+    Larochelle at meta-test). Support statistics enter as constants, not differentiated.
+    """
+
+    # The `algo` keys that shape adaptation at test time, recorded beside every test number.
+    test_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        backbone: FunctionalBackbone,
+        rule: UpdateRule,
+        steps: int,
+        steps_test: int,
+        second_order: bool,
+        batch_norm_train: str,
+        batch_norm_test: str,
+        adapt_only: Sequence[str] | None = None,
+        support_batches: SupportBatches = whole_support_set,
+        checkpoint_inner: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.rule = backbone, rule  # registered in this order: Adam's state too
+        self.steps, self.steps_test, self.second_order = steps, steps_test, second_order
+        self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
+        self.support_batches, self.checkpoint_inner = support_batches, checkpoint_inner
+        names = [n for n, _ in backbone.named_parameters()]
+        self.adapted = tuple(
+            n for n in names if adapt_only is None or n.startswith(tuple(adapt_only))
+        )
+
+    def initial_weights(self, training: bool) -> Weights:
+        weights = dict(self.backbone.named_parameters())
+        if training:
+            return weights
+        # Evaluation differentiates only the inner loop, from constants.
+        return {name: w.detach() for name, w in weights.items()}
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        training: bool,
+        passes: EagerPasses,
+        start: Weights | None = None,
+    ) -> Iterator[Weights]:
+        """Yield the task's weights before adaptation and after every inner step.
+
+        support_x [way*shot, C, H, W], support_y [way*shot]; `start`: the initial weights, the
+        backbone's when None. When `training`, the last weights carry the graph back to the
+        meta-parameters; otherwise nothing does.
+        """
+        weights = self.initial_weights(training) if start is None else start
+        yield weights
+        second_order = training and self.second_order
+        state = self.rule.init({n: weights[n] for n in self.adapted})
+        batches = self.support_batches(
+            support_x, support_y, self.steps if training else self.steps_test
+        )
+        for step, (x, y) in enumerate(batches):
+            inner = partial(self._step, x=x, y=y, step=step, training=training, passes=passes)
+            if second_order and self.checkpoint_inner:
+                weights = recomputed(
+                    lambda w, inner=inner, state=state: inner(w, state)[0], weights
+                )
+            else:
+                weights, state = inner(weights, state)
+            yield weights
+
+    def _step(
+        self,
+        weights: Weights,
+        state: State,
+        *,
+        x: Tensor,
+        y: Tensor,
+        step: int,
+        training: bool,
+        passes: EagerPasses,
+    ) -> tuple[Weights, State]:
+        second_order = training and self.second_order
+        loss, grads = passes.loss_and_gradients(weights, x, y, second_order, self.adapted)
+        # At evaluation the update builds no graph: nothing is differentiated through it.
+        with torch.set_grad_enabled(training):
+            adapted, state = self.rule.update(
+                grads, state, {n: weights[n] for n in self.adapted}, step, loss
+            )
+        return {**weights, **adapted}, state
+
+    def query_logits(
+        self,
+        passes: EagerPasses,
+        weights: Weights,
+        support_x: Tensor,
+        query_x: Tensor,
+        training: bool,
+    ) -> Tensor:
+        """[way*query, way] logits of the query set under the batch-norm mode of the stage."""
+        if (self.batch_norm_train if training else self.batch_norm_test) == "transductive":
+            return passes.logits(weights, query_x)
+        with torch.no_grad():
+            statistics = passes.statistics(weights, support_x)
+        return passes.logits(weights, query_x, statistics)

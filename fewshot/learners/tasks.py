@@ -1,0 +1,157 @@
+"""Scoring tasks, free of Lightning: adapt to each task of a meta-batch and score its query
+set, task by task (`TaskLoop`) or all tasks as one torch.func.vmap batch (`VmappedTasks`).
+Which one, and whether evaluation is compiled, is chosen once when the run is built."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fewshot.data.episodes import Episodes
+from fewshot.learners.learner import Learner
+from fewshot.learners.passes import CompiledPasses, EagerPasses, FunctionalPasses
+from fewshot.models.functional import Weights
+
+
+@dataclass
+class Scores:
+    """Some tasks of a meta-batch: their mean query loss [] (the meta-loss to differentiate
+    when training), query accuracy [tasks] and accuracy before and after each inner step
+    [tasks, steps + 1] ([tasks, 0] unless tracked)."""
+
+    loss: Tensor
+    accuracy: Tensor
+    step_accuracy: Tensor
+
+
+@dataclass
+class EpisodeResults:
+    """Outcome of a meta-batch: mean query loss, query accuracy of every task [tasks], and the
+    mean query accuracy before and after each inner step [steps + 1] (empty unless tracked)."""
+
+    loss: Tensor
+    accuracy: Tensor
+    step_accuracy: Tensor
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean()
+
+
+def score_task(
+    learner: Learner,
+    passes: EagerPasses,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    training: bool,
+    track_steps: bool,
+    start: Weights | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Adapt to one task from `start` (the backbone's weights when None) and score its query
+    set: loss [], accuracy [], and the accuracy before and after each inner step [steps + 1]
+    (empty unless `track_steps`)."""
+    trace = []
+    for weights in learner.adapt(support_x, support_y, training, passes, start):
+        if track_steps:
+            with torch.no_grad():  # for logging only: no graph kept
+                logits = learner.query_logits(passes, weights, support_x, query_x, training)
+                trace.append(accuracy(logits, query_y))
+    logits = learner.query_logits(passes, weights, support_x, query_x, training)
+    step_accuracy = torch.stack(trace) if trace else logits.new_empty(0)
+    return F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y), step_accuracy
+
+
+class TaskLoop:
+    """Task by task: each task's scores come as soon as it is done, so a caller that
+    differentiates them at once keeps one task's graph alive at a time (memory flat in the
+    number of tasks). `compiled`: evaluation's passes through torch.compile."""
+
+    def __init__(self, learner: Learner, compiled: bool = False) -> None:
+        self.learner = learner
+        self.passes = EagerPasses(learner.backbone)
+        self.eval_passes = CompiledPasses(learner.backbone) if compiled else self.passes
+
+    def __call__(self, batch: Episodes, training: bool, track_steps: bool) -> Iterator[Scores]:
+        passes = self.passes if training else self.eval_passes
+        for episode in zip(*batch):
+            loss, acc, trace = score_task(self.learner, passes, *episode, training, track_steps)
+            yield Scores(loss, acc[None], trace[None])
+
+
+class VmappedTasks:
+    """All tasks of a meta-batch as one torch.func.vmap computation, inner gradients by
+    torch.func.grad; the meta-gradient comes as one share for all tasks."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        self.passes = FunctionalPasses(learner.backbone)
+
+    def __call__(self, batch: Episodes, training: bool, track_steps: bool) -> Iterator[Scores]:
+        start = self.learner.initial_weights(training)
+
+        def task(start: Weights, *episode: Tensor):
+            loss, acc, trace = score_task(
+                self.learner, self.passes, *episode, training, track_steps, start
+            )
+            return loss, (loss.detach(), acc, trace)
+
+        per_task = (None, 0, 0, 0, 0)  # the meta-parameters are shared, the episodes per task
+        if not training:
+            _, (losses, accuracies, traces) = torch.func.vmap(task, per_task)(start, *batch)
+            yield Scores(losses.mean(), accuracies, traces)
+            return
+        # The meta-gradient is taken with torch.func.grad too, not by a backward pass through
+        # the vmapped graph: with batch norm inside, that one is wrong (torch 2.15; the test of
+        # this path catches it), while grad of the vmapped second-order loop is right.
+        meta_grad = torch.func.vmap(torch.func.grad(task, has_aux=True), per_task)
+        constants = {n: w.detach() for n, w in start.items()}  # no graph beside func.grad's
+        grads, (losses, accuracies, traces) = meta_grad(constants, *batch)
+        # A loss of the tasks' mean value whose gradient is the mean of their meta-gradients,
+        # so that the caller's backward (DDP's all-reduce, clipping, the optimiser) works as
+        # with the loop.
+        surrogate = sum((w * grads[n].mean(0)).sum() for n, w in start.items())
+        yield Scores(losses.mean() + (surrogate - surrogate.detach()), accuracies, traces)
+
+
+TaskScorer = TaskLoop | VmappedTasks
+Backward = Callable[[Tensor, bool], None]  # (loss share, is it the last share?) -> None
+
+
+def run_tasks(
+    tasks: TaskScorer,
+    batch: Episodes,
+    training: bool,
+    track_steps: bool = False,
+    backward: Backward | None = None,
+) -> EpisodeResults:
+    """Score every task of `batch` (see `Episodes` for shapes).
+
+    With `backward`, each share of the meta-loss (its tasks' part of the mean) is handed to
+    `backward(share, last)` as soon as it exists, and the returned loss is detached; without,
+    the returned loss carries every task's graph.
+    """
+    count = len(batch.query_y)
+    losses, accuracies, step_accuracies, done = [], [], [], 0
+    for scores in tasks(batch, training, track_steps):
+        share = scores.loss * len(scores.accuracy) / count
+        done += len(scores.accuracy)
+        if backward is not None:
+            backward(share, done == count)
+            share = share.detach()
+        losses.append(share)
+        accuracies.append(scores.accuracy)
+        step_accuracies.append(scores.step_accuracy)
+    return EpisodeResults(
+        torch.stack(losses).sum(), torch.cat(accuracies), torch.cat(step_accuracies).mean(0)
+    )
+
+
+def plain_backward(loss: Tensor, last: bool) -> None:
+    """`run_tasks`' backward outside a Trainer: accumulate every share's gradient."""
+    loss.backward()

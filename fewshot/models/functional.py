@@ -1,0 +1,29 @@
+"""The functional-forward protocol every backbone implements: run on given weights, with the
+statistics that batch norm normalises with passed in, never toggled by `.train()`."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+Weights = dict[str, Tensor]
+# Batch-norm layer name -> (mean, var) of its input over batch and space, [channels] each; var
+# with Bessel's correction, as nn.BatchNorm's running_var holds it.
+Statistics = dict[str, tuple[Tensor, Tensor]]
+
+
+@runtime_checkable
+class FunctionalBackbone(Protocol):
+    """A backbone that runs on weights it is given (a task's, not its own parameters)."""
+
+    def forward_with(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        """[N, C, H, W] -> [N, classes] logits on `weights`; batch norm normalises with
+        `statistics` when given, else with the statistics of `x` itself."""
+        ...
+
+    def statistics(self, weights: Weights, x: Tensor) -> Statistics:
+        """The statistics each batch-norm layer sees on `x` [N, C, H, W] under `weights`."""
+        ...
