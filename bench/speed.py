@@ -26,8 +26,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot.algorithms import ALGORITHMS, plain_backward
+from fewshot.build import learner_from
+from fewshot.config import CONF
 from fewshot.data.episodes import Episodes
+from fewshot.learners import TaskLoop, VmappedTasks, plain_backward, run_tasks
+from fewshot.learners.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
 
 
@@ -43,7 +46,7 @@ class Workload:
     image_size: int
     in_channels: int
     reference: dict = field(default_factory=dict)  # s_train, s_test, rss_gb of the best other code
-    compile: bool = False  # trainer.compile: torch.compile evaluation's inner loop
+    compile: bool = False  # trainer.compile: torch.compile evaluation's passes
     bf16: bool = False  # trainer.precision=bf16-mixed: bfloat16 autocast
 
 
@@ -124,11 +127,20 @@ WORKLOADS = [
 ]
 
 
-def build(workload: Workload) -> torch.nn.Module:
+def build(workload: Workload) -> TaskScorer:
+    """The workload's learner, in the task scorer train.py would build for it."""
     torch.manual_seed(0)
-    backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **workload.backbone)
-    algo = OmegaConf.create(workload.algo)
-    return ALGORITHMS[algo.name].from_config(algo, backbone)
+    algo = OmegaConf.merge(
+        OmegaConf.load(CONF / "algo" / f"{workload.algo['name']}.yaml"), workload.algo
+    )
+    settings = dict(workload.backbone)
+    if algo.get("vmap_tasks") and settings.get("channels_last") == "auto":
+        settings["channels_last"] = False  # as fewshot.config.backbone_config resolves it
+    backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **settings)
+    learner = learner_from(algo, backbone)
+    if algo.get("vmap_tasks"):
+        return VmappedTasks(learner)
+    return TaskLoop(learner, compiled=workload.compile)
 
 
 def episodes(workload: Workload, tasks: int) -> Episodes:
@@ -170,11 +182,9 @@ def conv_throughput(workload: Workload, images: int) -> float:
 
 def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None:
     torch.set_num_threads(threads)
-    algorithm = build(workload)
-    optimizer = torch.optim.Adam(algorithm.parameters(), lr=1e-3)
+    tasks = build(workload)
+    optimizer = torch.optim.Adam(tasks.learner.parameters(), lr=1e-3)
     train_batch, test_batch = episodes(workload, workload.tasks), episodes(workload, 1)
-    if workload.compile:
-        algorithm.compile_evaluation()
 
     # As Lightning runs steps under trainer.precision=bf16-mixed (the optimiser step outside).
     autocast = partial(torch.autocast, "cpu", torch.bfloat16, enabled=workload.bf16)
@@ -182,12 +192,12 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
     def meta_iteration():  # as EpisodicModule.training_step runs it
         optimizer.zero_grad()
         with autocast():
-            algorithm(train_batch, training=True, backward=plain_backward)
+            run_tasks(tasks, train_batch, training=True, backward=plain_backward)
         optimizer.step()
 
     def test_episode():
         with torch.no_grad(), autocast():
-            algorithm(test_batch, training=False)
+            run_tasks(tasks, test_batch, training=False)
 
     s_train = median_seconds(meta_iteration, iters)
     start = time.perf_counter()
@@ -218,12 +228,12 @@ def measure_memory(workload: Workload, threads: int, out: mp.Queue) -> None:
     import fewshot.module  # noqa: F401
 
     torch.set_num_threads(threads)
-    algorithm, batch = build(workload), episodes(workload, workload.tasks)
+    tasks, batch = build(workload), episodes(workload, workload.tasks)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def meta_iteration():
-        algorithm.zero_grad()
-        algorithm(batch, training=True, backward=plain_backward)
+        tasks.learner.zero_grad()
+        run_tasks(tasks, batch, training=True, backward=plain_backward)
 
     seconds = median_seconds(meta_iteration, iters=3, warmup=0)
     out.put(((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20, seconds))

@@ -26,14 +26,19 @@ OUTER_LOOP_KEYS = ("name", "meta_lr", "meta_batch_size", "grad_clip", "vmap_task
 
 
 def build_learner(cfg: DictConfig) -> Learner:
-    """The backbone and the learner `cfg.algo._target_` names, on it."""
+    """The backbone, and on it the learner `cfg.algo._target_` names."""
     backbone = hydra.utils.instantiate(backbone_config(cfg))
     if not isinstance(backbone, FunctionalBackbone):
         raise ConfigError(
             f"backbone._target_={cfg.backbone._target_} has no forward_with(weights, x, "
             "statistics) and statistics(weights, x): fewshot's learners run it on task weights"
         )
-    arguments = {k: v for k, v in cfg.algo.items() if k not in OUTER_LOOP_KEYS}
+    return learner_from(cfg.algo, backbone)
+
+
+def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
+    """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
+    arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
     return hydra.utils.instantiate(arguments, backbone=backbone, _convert_="all")
 
 

@@ -5,13 +5,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import Tensor, nn
 
+from fewshot.build import learner_from
 from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
+from fewshot.learners import EpisodeResults, Learner, TaskLoop, run_tasks
+from fewshot.learners.tasks import Backward, TaskScorer
+from fewshot.models.conv4 import Conv4
+from fewshot.models.functional import Statistics, Weights
 
 torch.set_num_threads(1)  # 2 threads on 2 vCPUs is erratic (see README); 1 is stable
 
 REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
 OMNIGLOT = Path(os.environ.get("FEWSHOT_OMNIGLOT", REPO.parent / "shared" / "data" / "omniglot"))
 
 
@@ -136,3 +146,60 @@ def conv_episode(way: int = 3, shot: int = 2, query: int = 4, tasks: int = 2) ->
         x[:, way * shot :],
         labels.repeat_interleave(query).expand(tasks, -1),
     )
+
+
+def compose_train(*overrides: str):
+    """train.py's config, composed as Hydra composes it for these command-line overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def make_learner(name: str, backbone: nn.Module, **settings) -> Learner:
+    """A learner as train.py builds it from conf/algo/<name>.yaml, with `settings` changed."""
+    algo = OmegaConf.merge(OmegaConf.load(CONF / "algo" / f"{name}.yaml"), settings)
+    return learner_from(algo, backbone)
+
+
+def small_backbone(image_size: int = 12, classes: int = 3) -> Conv4:
+    return Conv4(1, image_size, classes, channels=4, padding=1, stride=1, pool=True, blocks=2)
+
+
+TRANSDUCTIVE = {"batch_norm_train": "transductive", "batch_norm_test": "transductive"}
+# Per learner: small settings, and how many weights its `adapt` yields at evaluation.
+SMALL = {
+    "maml": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
+    "metalstm": ({"inner_epochs": 2, "inner_batch_size": 4}, 1 + 2 * 2),  # 6 support images
+}
+LEARNER_NAMES = list(SMALL)
+
+
+def small(name: str, **settings) -> tuple[Learner, int]:
+    """A small learner on 12 px images, and the number of weights its `adapt` yields at
+    evaluation."""
+    torch.manual_seed(0)
+    defaults, yields = SMALL[name]
+    return make_learner(name, small_backbone(), **{**defaults, **TRANSDUCTIVE, **settings}), yields
+
+
+def meta_batch(
+    learner: Learner | TaskScorer,
+    batch: Episodes,
+    training: bool,
+    track_steps: bool = False,
+    backward: Backward | None = None,
+) -> EpisodeResults:
+    """`run_tasks` on a learner (in a loop) or a task scorer."""
+    tasks = learner if isinstance(learner, TaskScorer) else TaskLoop(learner)
+    return run_tasks(tasks, batch, training, track_steps, backward)
+
+
+class FunctionalLinear(nn.Linear):
+    """A linear backbone without batch norm, for meta-gradients derived by hand."""
+
+    def forward_with(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        return F.linear(x, weights["weight"], weights.get("bias"))
+
+    def statistics(self, weights: Weights, x: Tensor) -> Statistics:
+        return {}

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from fewshot.build import build_datamodule, build_module, check_config
+from fewshot.build import build_datamodule, build_module
 from fewshot.checkpointing import check_resumable, load_checkpoint
+from fewshot.config import check_config
 from fewshot.errors import ConfigError, DataError, hydra_error_line
-from tests.conftest import run_script
+from tests.conftest import compose_train, run_script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -27,10 +27,6 @@ def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {}}, foreign)
     return {"ckpt": good, "truncated": truncated, "foreign": foreign, "absent": run_dir / "no.ckpt"}
 
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def user_error(check, *args) -> str:

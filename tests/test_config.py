@@ -5,16 +5,14 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fewshot.build import build_module, check_config
+from fewshot.build import build_module
+from fewshot.config import check_config
 from fewshot.errors import ConfigError
+from tests.conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -22,7 +20,7 @@ def test_every_experiment_composes_and_builds(experiment):
     cfg = compose_train(f"experiment={experiment}")
     check_config(cfg)
     module = build_module(cfg)
-    assert module.algorithm.backbone.head.out_features == cfg.way
+    assert module.learner.backbone.head.out_features == cfg.way
     way, shot = experiment.rsplit("_", 1)[1].rstrip("s").split("w")
     assert (cfg.way, cfg.shot) == (int(way), int(shot))
 
@@ -67,6 +65,10 @@ def test_evaluate_config_composes():
         ("algo=metalstm algo.grad_clip=-1", "algo.grad_clip=-1 is out of range"),
         ("algo=metalstm algo.learn_init=maybe", "algo.learn_init='maybe' is out of range"),
         ("trainer.precision=16-mixed", "trainer.precision='16-mixed' is out of range"),
+        ("algo.batch_norm_test=query", "algo.batch_norm_test='query' is out of range"),
+        ("algo.adapt_only=head", "algo.adapt_only='head' is out of range"),
+        ("backbone.stride=2", "backbone: block 3 of 4 leaves no spatial size for data.image_size=28"),
+        ("algo.vmap_tasks=true trainer.compile=true", "trainer.compile=true cannot run with algo"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, message):

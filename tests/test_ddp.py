@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from fewshot.algorithms import plain_backward
 from fewshot.build import build_datamodule, build_module
 from fewshot.data.episodes import Episodes, MetaBatchStream
+from fewshot.learners import plain_backward, run_tasks
 from tests.conftest import run_script
 
 TASKS_PER_RANK = 2
@@ -79,8 +79,8 @@ def test_ddp_meta_gradient_is_the_mean_over_all_tasks_of_all_ranks(ddp_outputs):
         ]
         batch = module.on_after_batch_transfer(Episodes(*map(torch.cat, zip(*tasks))), 0)
         module.zero_grad()
-        module.algorithm(batch, training=True, backward=plain_backward)
-        return [p.grad.clone() for p in module.algorithm.parameters()]
+        run_tasks(module.tasks, batch, training=True, backward=plain_backward)
+        return [p.grad.clone() for p in module.learner.parameters()]
 
     single = grads_over([0, 1])  # one process, all 2k tasks
     assert len(single) == len(ddp_grads)

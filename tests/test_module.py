@@ -4,9 +4,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from fewshot.learners import TaskLoop
 from fewshot.module import EpisodicModule
-from tests.algorithms.test_interface import small
-from tests.conftest import conv_episode
+from tests.conftest import conv_episode, small
 
 
 class GradientNorms(pl.Callback):
@@ -35,10 +35,11 @@ def quick_trainer(**options) -> pl.Trainer:
 
 
 def meta_gradient_norms(grad_clip: float | None) -> list[float]:
-    algorithm, _ = small("maml")
+    learner, _ = small("maml")
     norms = GradientNorms()
     quick_trainer(callbacks=[norms]).fit(
-        EpisodicModule(algorithm, 1e-3, grad_clip, {}), train_dataloaders=episodes_as_loaded()
+        EpisodicModule(learner, TaskLoop(learner), 1e-3, grad_clip, {}),
+        train_dataloaders=episodes_as_loaded(),
     )
     return norms.norms
 
@@ -50,18 +51,18 @@ def test_meta_gradient_norm_is_clipped_to_grad_clip():
 
 
 def test_bf16_mixed_precision_runs_the_backbone_in_bfloat16_when_training_and_testing():
-    algorithm, _ = small("maml")
+    learner, _ = small("maml")
     dtypes: list[torch.dtype] = []
-    run_backbone = algorithm.run_backbone
+    forward_with = learner.backbone.forward_with
 
     def recording(*args):
-        logits = run_backbone(*args)
+        logits = forward_with(*args)
         dtypes.append(logits.dtype)
         return logits
 
-    algorithm.run_backbone = recording
+    learner.backbone.forward_with = recording
     trainer = quick_trainer(precision="bf16-mixed")
-    module = EpisodicModule(algorithm, 1e-3, None, {})
+    module = EpisodicModule(learner, TaskLoop(learner), 1e-3, None, {})
     trainer.fit(module, train_dataloaders=episodes_as_loaded())
     trained = len(dtypes)
     trainer.test(module, dataloaders=episodes_as_loaded(), verbose=False)

@@ -80,15 +80,17 @@ class Learner(nn.Module):
         support_x: Tensor,
         support_y: Tensor,
         training: bool,
-        passes: EagerPasses,
+        passes: EagerPasses | None = None,
         start: Weights | None = None,
     ) -> Iterator[Weights]:
         """Yield the task's weights before adaptation and after every inner step.
 
-        support_x [way*shot, C, H, W], support_y [way*shot]; `start`: the initial weights, the
-        backbone's when None. When `training`, the last weights carry the graph back to the
-        meta-parameters; otherwise nothing does.
+        support_x [way*shot, C, H, W], support_y [way*shot]; `passes`: how the backbone runs
+        (eager when None); `start`: the initial weights, the backbone's when None. When
+        `training`, the last weights carry the graph back to the meta-parameters; otherwise
+        nothing does.
         """
+        passes = passes or EagerPasses(self.backbone)
         weights = self.initial_weights(training) if start is None else start
         yield weights
         second_order = training and self.second_order
@@ -128,13 +130,14 @@ class Learner(nn.Module):
 
     def query_logits(
         self,
-        passes: EagerPasses,
         weights: Weights,
         support_x: Tensor,
         query_x: Tensor,
         training: bool,
+        passes: EagerPasses | None = None,
     ) -> Tensor:
         """[way*query, way] logits of the query set under the batch-norm mode of the stage."""
+        passes = passes or EagerPasses(self.backbone)
         if (self.batch_norm_train if training else self.batch_norm_test) == "transductive":
             return passes.logits(weights, query_x)
         with torch.no_grad():

@@ -28,7 +28,7 @@ class EagerPasses:
 
     def support_loss(self, weights: Weights, x: Tensor, y: Tensor) -> Tensor:
         """The learner's cross-entropy on a support batch x [N, C, H, W], y [N]."""
-        return F.cross_entropy(self.logits(weights, x), y)
+        return F.cross_entropy(self.backbone.forward_with(weights, x), y)
 
     def loss_and_gradients(
         self, weights: Weights, x: Tensor, y: Tensor, create_graph: bool, names: Sequence[str]

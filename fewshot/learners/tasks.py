@@ -60,9 +60,9 @@ def score_task(
     for weights in learner.adapt(support_x, support_y, training, passes, start):
         if track_steps:
             with torch.no_grad():  # for logging only: no graph kept
-                logits = learner.query_logits(passes, weights, support_x, query_x, training)
+                logits = learner.query_logits(weights, support_x, query_x, training, passes)
                 trace.append(accuracy(logits, query_y))
-    logits = learner.query_logits(passes, weights, support_x, query_x, training)
+    logits = learner.query_logits(weights, support_x, query_x, training, passes)
     step_accuracy = torch.stack(trace) if trace else logits.new_empty(0)
     return F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y), step_accuracy
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from fewshot.errors import ConfigError
 from fewshot.models.conv4 import Conv4
 
 
@@ -17,42 +16,59 @@ def test_head_size_is_derived_from_the_layer_settings(image_size, padding, strid
     assert net(torch.rand(3, 1, image_size, image_size)).shape == (3, 5)
 
 
-def test_a_backbone_that_shrinks_the_image_to_nothing_names_the_block_and_keys():
-    with pytest.raises(ConfigError, match=r"block 3 of 4.*data.image_size=12.*backbone.padding=0"):
-        Conv4(1, 12, num_classes=5, channels=8, padding=0, stride=1, pool=True)
-
-
 def layers_forward(net: Conv4, x: torch.Tensor) -> torch.Tensor:
     """The net run as its modules would run it."""
     return net.head(net.features(x))
 
 
-@pytest.mark.parametrize("training", [True, False])
+def batch_norm_inputs(net: Conv4, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each batch-norm layer receives when the modules run `x`."""
+    return {
+        f"features.{i}": net.features[:i](x)
+        for i, layer in enumerate(net.features)
+        if isinstance(layer, torch.nn.BatchNorm2d)
+    }
+
+
 @pytest.mark.parametrize("stride, pool", [(1, True), (2, False)])
-def test_forward_with_runs_the_net_as_its_layers_do_and_fills_the_buffers_alike(
-    training, stride, pool
-):
+def test_forward_with_runs_the_net_as_its_layers_do_with_batch_statistics(stride, pool):
     torch.manual_seed(0)
     net = Conv4(3, 16, num_classes=5, channels=8, padding=1, stride=stride, pool=pool)
-    net.train(training)
-    reference = copy.deepcopy(net)
     x = torch.rand(6, 3, 16, 16)
-    buffers = {n: b.clone() for n, b in net.named_buffers()}
-    logits = net.forward_with(dict(net.named_parameters()), buffers, x)
-    torch.testing.assert_close(logits, layers_forward(reference, x))
-    for name, buffer in reference.named_buffers():
-        if not name.endswith("num_batches_tracked"):  # a count momentum=1 does not read
-            torch.testing.assert_close(buffers[name], buffer, msg=name)
+    logits = net.forward_with(dict(net.named_parameters()), x)
+    torch.testing.assert_close(logits, layers_forward(copy.deepcopy(net), x))
 
 
-def test_forward_with_no_buffers_normalises_with_the_batch_statistics_even_in_eval_mode():
-    net = Conv4(1, 28, num_classes=5, channels=8, padding=1, stride=2, pool=False).eval()
-    x = torch.rand(4, 1, 28, 28)
-    no_buffers = {n: None for n, _ in net.named_buffers()}
-    expected = layers_forward(copy.deepcopy(net).train(), x)
-    torch.testing.assert_close(
-        net.forward_with(dict(net.named_parameters()), no_buffers, x), expected
-    )
+def test_statistics_are_each_batch_norm_inputs_mean_and_unbiased_variance():
+    torch.manual_seed(0)
+    net = Conv4(3, 16, num_classes=5, channels=8, padding=1, stride=1, pool=True)
+    x = torch.rand(6, 3, 16, 16)
+    with torch.no_grad():
+        statistics = net.statistics(dict(net.named_parameters()), x)
+    inputs = batch_norm_inputs(net, x)
+    assert list(statistics) == list(inputs) and len(inputs) == 4
+    for name, h in inputs.items():
+        mean, var = statistics[name]
+        torch.testing.assert_close(mean, h.mean((0, 2, 3)), msg=name)
+        torch.testing.assert_close(var, h.var((0, 2, 3), correction=1), msg=name)
+
+
+def test_given_statistics_normalise_every_image_alone():
+    torch.manual_seed(0)
+    net = Conv4(1, 16, num_classes=5, channels=8, padding=1, stride=1, pool=True)
+    weights = dict(net.named_parameters())
+    with torch.no_grad():  # as the learners take them: constants
+        statistics = net.statistics(weights, torch.rand(5, 1, 16, 16))
+    x = torch.rand(4, 1, 16, 16)
+    together = net.forward_with(weights, x, statistics)
+    alone = torch.cat([net.forward_with(weights, image[None], statistics) for image in x])
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(together, net.forward_with(weights, x))
+
+
+def test_the_backbone_keeps_no_running_statistics():
+    net = Conv4(1, 28, num_classes=5, channels=8, padding=1, stride=1, pool=True)
+    assert list(net.buffers()) == []
 
 
 def test_functional_call_on_its_own_parameters_equals_forward():
@@ -104,8 +120,3 @@ def test_channels_last_layout_computes_the_same_logits_and_gradients():
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(nets[False].named_parameters(), nets[True].parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)  # float32 sums
-
-
-def test_an_unknown_layout_names_the_key():
-    with pytest.raises(ConfigError, match=r"backbone.channels_last='yes'.*true, false or auto"):
-        Conv4(1, 28, 5, channels=8, padding=1, stride=1, pool=True, channels_last="yes")

@@ -3,29 +3,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor
-from torch.func import functional_call
 
-from fewshot.algorithms import MAML, plain_backward
-from fewshot.algorithms.recomputation import recomputed
-from fewshot.models.conv4 import Conv4
-from tests.conftest import conv_episode
+from fewshot.config import check_config
+from fewshot.errors import ConfigError
+from fewshot.learners import Learner, plain_backward
+from fewshot.learners.recomputation import recomputed
+from tests.conftest import compose_train, conv_episode, meta_batch, small, small_backbone
 
 
-def float64_maml(inner_steps: int, batch_norm: str, checkpoint_inner: bool) -> MAML:
-    torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    return MAML(
-        backbone.double(),
-        base_lr=0.5,
-        inner_steps=inner_steps,
-        inner_steps_test=inner_steps,
-        first_order=False,
-        batch_norm_train=batch_norm,
-        batch_norm_test=batch_norm,
-        checkpoint_inner=checkpoint_inner,
-    )
+def float64_maml(inner_steps: int, batch_norm: str, checkpoint_inner: bool) -> Learner:
+    settings = {"inner_steps": inner_steps, "inner_steps_test": inner_steps}
+    bn = {"batch_norm_train": batch_norm, "batch_norm_test": batch_norm}
+    learner, _ = small("maml", **settings, **bn, checkpoint_inner=checkpoint_inner)
+    return learner.double()
 
 
 def float64_episode():
@@ -39,7 +30,7 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient(inner_steps, batch
     grads = []
     for checkpoint_inner in (False, True):
         maml = float64_maml(inner_steps, batch_norm, checkpoint_inner)
-        maml(float64_episode(), training=True, backward=plain_backward)
+        meta_batch(maml, float64_episode(), training=True, backward=plain_backward)
         grads.append({n: p.grad for n, p in maml.named_parameters()})
     plain, checkpointed = grads
     for name, grad in plain.items():
@@ -54,7 +45,7 @@ def test_checkpointed_steps_recompute_under_the_forward_pass_autocast():
     for checkpoint_inner in (False, True):
         maml = float64_maml(3, "transductive", checkpoint_inner).float()
         with torch.autocast("cpu", torch.bfloat16):
-            loss = maml(conv_episode(), training=True).loss
+            loss = meta_batch(maml, conv_episode(), training=True).loss
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in maml.parameters()]))
     plain, checkpointed = grads
@@ -85,15 +76,14 @@ def test_checkpointed_inner_loop_keeps_less_of_the_graph_alive():
     saved = []
     for checkpoint_inner in (False, True):
         maml = float64_maml(5, "transductive", checkpoint_inner).float()
-        saved.append(saved_bytes(maml(batch, training=True).loss))
+        saved.append(saved_bytes(meta_batch(maml, batch, training=True).loss))
     plain, checkpointed = saved
     # What remains is the weights before each step and the query pass.
     assert checkpointed < plain / 3, (plain, checkpointed)
 
 
 def support_loss(backbone, weights, x, y):
-    buffers = {n: b.clone() for n, b in backbone.named_buffers()}
-    return F.cross_entropy(functional_call(backbone, (weights, buffers), (x,)), y)
+    return F.cross_entropy(backbone.forward_with(weights, x), y)
 
 
 def step_by_autograd_grad(backbone, x, y):
@@ -119,8 +109,7 @@ def test_recomputed_steps_differentiate_the_same_whichever_way_the_step_takes_it
     make_step,
 ):
     torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    backbone.double()
+    backbone = small_backbone().double()
     batch = float64_episode()
     step = make_step(backbone, batch.support_x[0], batch.support_y[0])
     params = dict(backbone.named_parameters())
@@ -135,17 +124,6 @@ def test_recomputed_steps_differentiate_the_same_whichever_way_the_step_takes_it
         torch.testing.assert_close(checkpointed, plain, rtol=1e-10, atol=1e-14, msg=name)
 
 
-def test_a_config_without_checkpoint_inner_builds_maml_without_it():
-    # Configs stored in checkpoints written before the key existed.
-    algo = OmegaConf.create(
-        {
-            "base_lr": 0.4,
-            "inner_steps": 1,
-            "inner_steps_test": 3,
-            "first_order": False,
-            "batch_norm_train": "transductive",
-            "batch_norm_test": "transductive",
-        }
-    )
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    assert MAML.from_config(algo, backbone).checkpoint_inner is False
+def test_checkpoint_inner_with_first_order_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"algo.checkpoint_inner=true has nothing to checkpoint"):
+        check_config(compose_train("algo.checkpoint_inner=true", "algo.first_order=true"))

@@ -3,16 +3,24 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fewshot.algorithms import MAML
 from fewshot.data.episodes import Episodes
-from fewshot.errors import ConfigError
-from fewshot.models.conv4 import Conv4
-from tests.conftest import conv_episode
+from fewshot.learners import Learner
+from tests.conftest import (
+    TRANSDUCTIVE,
+    FunctionalLinear,
+    conv_episode,
+    make_learner,
+    meta_batch,
+    small_backbone,
+)
 
 ALPHA = 0.3
-TRANSDUCTIVE = ("transductive", "transductive")  # batch_norm_train, batch_norm_test
+
+
+def linear_maml(backbone: FunctionalLinear, steps: int, first_order: bool) -> Learner:
+    settings = {"inner_steps": steps, "inner_steps_test": steps, "first_order": first_order}
+    return make_learner("maml", backbone, base_lr=ALPHA, **settings, **TRANSDUCTIVE)
 
 
 def linear_task(seed: int = 0):
@@ -37,10 +45,10 @@ def softmax_ce_grad_and_hessian(W, x, y):
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_gradient_matches_the_hand_derived_one(first_order):
     sx, sy, qx, qy = (t.double() if t.is_floating_point() else t for t in linear_task())
-    backbone = nn.Linear(3, 2, bias=False).double()
+    backbone = FunctionalLinear(3, 2, bias=False).double()
     W = backbone.weight.detach().clone()
-    maml = MAML(backbone, ALPHA, 1, 1, first_order, *TRANSDUCTIVE)
-    maml(Episodes(sx[None], sy[None], qx[None], qy[None]), training=True).loss.backward()
+    maml = linear_maml(backbone, 1, first_order)
+    meta_batch(maml, Episodes(sx[None], sy[None], qx[None], qy[None]), True).loss.backward()
 
     g_support, h_support = softmax_ce_grad_and_hessian(W, sx, sy)
     adapted = W - ALPHA * g_support
@@ -58,27 +66,24 @@ def test_second_order_term_changes_the_meta_gradient():
     grads = []
     for first_order in (False, True):
         torch.manual_seed(0)
-        backbone = nn.Linear(3, 2)
+        backbone = FunctionalLinear(3, 2)
         sx, sy, qx, qy = linear_task()
-        MAML(backbone, ALPHA, 2, 2, first_order, *TRANSDUCTIVE)(
-            Episodes(sx[None], sy[None], qx[None], qy[None]), training=True
-        ).loss.backward()
+        maml = linear_maml(backbone, 2, first_order)
+        meta_batch(maml, Episodes(sx[None], sy[None], qx[None], qy[None]), True).loss.backward()
         grads.append(backbone.weight.grad)
     assert not torch.allclose(*grads)
 
 
-def small_maml(**kwargs) -> MAML:
+def small_maml(**settings) -> Learner:
     torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    settings = {"base_lr": 0.5, "inner_steps": 3, "inner_steps_test": 3, "first_order": False}
-    settings |= {"batch_norm_train": "transductive", "batch_norm_test": "transductive"} | kwargs
-    return MAML(backbone, **settings)
+    settings = {"base_lr": 0.5, "inner_steps": 3, "inner_steps_test": 3, **TRANSDUCTIVE, **settings}
+    return make_learner("maml", small_backbone(), **settings)
 
 
 def test_adaptation_lowers_the_support_loss():
     maml, batch = small_maml(), conv_episode()
     losses = [
-        F.cross_entropy(maml.predict(w, batch.support_x[0]), batch.support_y[0]).item()
+        F.cross_entropy(maml.backbone.forward_with(w, batch.support_x[0]), batch.support_y[0]).item()
         for w in maml.adapt(batch.support_x[0], batch.support_y[0], training=False)
     ]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -98,7 +103,7 @@ def query_logits_with_other_queries_replaced(batch_norm: str):
     changed = qx.clone()
     changed[1:] = torch.rand_like(changed[1:])
     with torch.no_grad():
-        return [maml.predict_query(weights, sx, q, batch_norm)[0] for q in (qx, changed)]
+        return [maml.query_logits(weights, sx, q, training=False)[0] for q in (qx, changed)]
 
 
 def test_support_batch_norm_makes_each_query_prediction_independent_of_the_others():
@@ -113,16 +118,11 @@ def test_transductive_batch_norm_lets_other_queries_change_a_prediction():
 
 def test_support_statistics_do_not_leak_between_episodes():
     maml, batch = small_maml(batch_norm_test="support"), conv_episode()
-    buffers_before = {n: b.clone() for n, b in maml.backbone.named_buffers()}
+    state_before = {n: t.clone() for n, t in maml.state_dict().items()}
     with torch.no_grad():
-        first = maml(batch, training=False).accuracy
-        maml(Episodes(*(t.flip(0) for t in batch)), training=False)
-        again = maml(batch, training=False).accuracy
+        first = meta_batch(maml, batch, training=False).accuracy
+        meta_batch(maml, Episodes(*(t.flip(0) for t in batch)), training=False)
+        again = meta_batch(maml, batch, training=False).accuracy
     torch.testing.assert_close(first, again)
-    for name, b in maml.backbone.named_buffers():
-        assert torch.equal(b, buffers_before[name]), name
-
-
-def test_unknown_batch_norm_mode_names_the_key():
-    with pytest.raises(ConfigError, match="algo.batch_norm_test='query'"):
-        small_maml(batch_norm_test="query")
+    for name, t in maml.state_dict().items():
+        assert torch.equal(t, state_before[name]), name

@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot.algorithms import MAML, MetaLSTM
-from fewshot.algorithms.metalstm import flatten, preprocess, unflatten
 from fewshot.data.episodes import Episodes
+from fewshot.learners.metalstm import MetaLSTM, SupportMiniBatches, flatten, preprocess, unflatten
 from fewshot.models.conv4 import Conv4
+from tests.conftest import (
+    TRANSDUCTIVE,
+    FunctionalLinear,
+    make_learner,
+    meta_batch,
+    small_backbone,
+)
 
 ALPHA = 0.3
-TRANSDUCTIVE = ("transductive", "transductive")  # batch_norm_train, batch_norm_test
 
 
 def linear_task(seed: int = 0, dtype=torch.float64):
@@ -27,13 +32,14 @@ def linear_task(seed: int = 0, dtype=torch.float64):
 
 
 def metalstm(backbone: nn.Module, epochs: int = 1, batch: int = 100, learn_init=True) -> MetaLSTM:
-    return MetaLSTM(backbone, 20, epochs, batch, learn_init, *TRANSDUCTIVE)
+    settings = {"inner_epochs": epochs, "inner_batch_size": batch, "learn_init": learn_init}
+    return make_learner("metalstm", backbone, **settings, **TRANSDUCTIVE)
 
 
-def fix_gates(algorithm: MetaLSTM, forget: float, input_: float) -> None:
+def fix_gates(learner: MetaLSTM, forget: float, input_: float) -> None:
     """Gates that ignore their inputs: sigmoid(bias) = forget and input_ exactly."""
     with torch.no_grad():
-        for gate, value in ((algorithm.forget_gate, forget), (algorithm.input_gate, input_)):
+        for gate, value in ((learner.rule.forget_gate, forget), (learner.rule.input_gate, input_)):
             gate.weight.zero_()
             # sigmoid(1e4) is 1.0 in floating point; otherwise the logit of the value.
             gate.bias.fill_(1e4 if value == 1 else math.log(value / (1 - value)))
@@ -74,10 +80,10 @@ def test_flatten_and_unflatten_round_trip_and_keep_the_graph():
 def test_one_step_with_fixed_gates_is_a_gradient_step_with_decay(forget):
     """Forget gate 1 and input gate alpha: one SGD step of size alpha; forget < 1 shrinks."""
     sx, sy, _, _ = linear_task()
-    backbone = nn.Linear(3, 2, bias=False).double()
-    algorithm = metalstm(backbone).double()
-    fix_gates(algorithm, forget, ALPHA)
-    before, after = algorithm.adapt(sx, sy, training=True)
+    backbone = FunctionalLinear(3, 2, bias=False).double()
+    learner = metalstm(backbone).double()
+    fix_gates(learner, forget, ALPHA)
+    before, after = learner.adapt(sx, sy, training=True)
 
     W = backbone.weight.detach()
     p = torch.softmax(sx @ W.T, dim=1)
@@ -88,13 +94,13 @@ def test_one_step_with_fixed_gates_is_a_gradient_step_with_decay(forget):
 
 def test_with_gates_fixed_several_epochs_follow_mamls_gradient_steps():
     torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    backbone = backbone.double()
-    algorithm = metalstm(backbone, epochs=3).double()
-    fix_gates(algorithm, 1.0, ALPHA)
-    maml = MAML(backbone, ALPHA, 3, 3, False, *TRANSDUCTIVE)
+    backbone = small_backbone().double()
+    learner = metalstm(backbone, epochs=3).double()
+    fix_gates(learner, 1.0, ALPHA)
+    steps = {"inner_steps": 3, "inner_steps_test": 3}
+    maml = make_learner("maml", backbone, base_lr=ALPHA, **steps, **TRANSDUCTIVE)
     x, y = torch.rand(6, 1, 12, 12, dtype=torch.float64), torch.arange(3).repeat(2)
-    for ours, theirs in zip(algorithm.adapt(x, y, False), maml.adapt(x, y, False), strict=True):
+    for ours, theirs in zip(learner.adapt(x, y, False), maml.adapt(x, y, False), strict=True):
         for name in theirs:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12)
 
@@ -106,13 +112,14 @@ def test_with_gates_fixed_the_meta_gradient_is_first_order_mamls():
     grads = []
     for name in ("maml", "metalstm"):
         torch.manual_seed(0)
-        backbone = nn.Linear(3, 2).double()
+        backbone = FunctionalLinear(3, 2).double()
         if name == "maml":
-            algorithm = MAML(backbone, ALPHA, 1, 1, True, *TRANSDUCTIVE)
+            steps = {"inner_steps": 1, "inner_steps_test": 1, "first_order": True}
+            learner = make_learner("maml", backbone, base_lr=ALPHA, **steps, **TRANSDUCTIVE)
         else:
-            algorithm = metalstm(backbone).double()
-            fix_gates(algorithm, 1.0, ALPHA)
-        algorithm(batch, training=True).loss.backward()
+            learner = metalstm(backbone).double()
+            fix_gates(learner, 1.0, ALPHA)
+        meta_batch(learner, batch, training=True).loss.backward()
         grads.append(backbone.weight.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
 
@@ -131,15 +138,14 @@ def conv_episode(way=3, shot=2, query=4):
 
 def small_metalstm(epochs=2, batch=100, learn_init=True) -> MetaLSTM:
     torch.manual_seed(0)
-    backbone = Conv4(1, 12, num_classes=3, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    return metalstm(backbone, epochs, batch, learn_init)
+    return metalstm(small_backbone(), epochs, batch, learn_init)
 
 
 @pytest.mark.parametrize("learn_init", [True, False])
 def test_meta_gradient_reaches_the_lstm_and_c0_only_when_init_is_learned(learn_init):
-    algorithm = small_metalstm(learn_init=learn_init)
-    algorithm(conv_episode(), training=True).loss.backward()
-    for name, p in algorithm.named_parameters():
+    learner = small_metalstm(learn_init=learn_init)
+    meta_batch(learner, conv_episode(), training=True).loss.backward()
+    for name, p in learner.named_parameters():
         if name.startswith("backbone."):
             assert (p.grad is not None) == learn_init, name
         else:
@@ -147,9 +153,9 @@ def test_meta_gradient_reaches_the_lstm_and_c0_only_when_init_is_learned(learn_i
 
 
 def test_gate_biases_start_as_small_step_gradient_descent():
-    algorithm = small_metalstm()
-    assert 4 <= algorithm.forget_gate.bias.item() <= 6
-    assert -5 <= algorithm.input_gate.bias.item() <= -4
+    learner = small_metalstm()
+    assert 4 <= learner.rule.forget_gate.bias.item() <= 6
+    assert -5 <= learner.rule.input_gate.bias.item() <= -4
 
 
 def separable_task(n_per_class=10):
@@ -164,11 +170,11 @@ def separable_task(n_per_class=10):
 def test_adaptation_lowers_the_support_loss_on_a_separable_task():
     torch.manual_seed(0)
     backbone = Conv4(1, 8, num_classes=2, channels=4, padding=1, stride=1, pool=True, blocks=2)
-    algorithm = metalstm(backbone, epochs=12, batch=5)
+    learner = metalstm(backbone, epochs=12, batch=5)
     x, y = separable_task()
     losses = [
-        F.cross_entropy(algorithm.predict(w, x), y).item()
-        for w in algorithm.adapt(x, y, training=False)
+        F.cross_entropy(learner.backbone.forward_with(w, x), y).item()
+        for w in learner.adapt(x, y, training=False)
     ]
     assert len(losses) == 1 + 12 * 4
     assert losses[-1] < 0.9 * losses[0]
@@ -176,27 +182,27 @@ def test_adaptation_lowers_the_support_loss_on_a_separable_task():
 
 def test_a_support_set_within_one_batch_is_used_whole_every_epoch():
     x, y = separable_task(3)
-    batches = list(small_metalstm(epochs=4, batch=6).batches(x, y))
+    batches = list(SupportMiniBatches(6)(x, y, 4))
     assert len(batches) == 4 and all(torch.equal(bx, x) for bx, _ in batches)
 
 
 def test_smaller_batches_cover_the_support_set_once_per_epoch_in_a_reproducible_order():
     x, y = separable_task(5)  # 10 images, batches of at most 4: 3 batches of 4, 3, 3
-    algorithm = small_metalstm(epochs=3, batch=4)
-    batches = list(algorithm.batches(x, y))
+    support_batches = SupportMiniBatches(4)
+    batches = list(support_batches(x, y, 3))
     assert [len(by) for _, by in batches] == [4, 3, 3] * 3
     epochs = [torch.cat([bx for bx, _ in batches[3 * e : 3 * e + 3]]) for e in range(3)]
     for images in epochs:  # every image exactly once per epoch
         key = lambda t: t.flatten(1).sum(1).sort().values  # noqa: E731
         torch.testing.assert_close(key(images), key(x))
     assert not torch.equal(epochs[0], epochs[1])  # reshuffled every epoch
-    again = list(algorithm.batches(x, y))
+    again = list(support_batches(x, y, 3))
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, again))
-    other = list(algorithm.batches(x.flip(0), y.flip(0)))
+    other = list(support_batches(x.flip(0), y.flip(0), 3))
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(batches, other))
 
 
 def test_frozen_init_leaves_the_backbone_out_of_the_meta_parameters():
-    algorithm = small_metalstm(learn_init=False)
-    trainable = {n for n, p in algorithm.named_parameters() if p.requires_grad}
+    learner = small_metalstm(learn_init=False)
+    trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("backbone.") for n in trainable)

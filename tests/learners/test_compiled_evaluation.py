@@ -1,0 +1,63 @@
+"""torch.compile'd evaluation gives the eager evaluation's outcome and leaves training eager."""
+
+import pytest
+import torch
+
+from fewshot.learners import TaskLoop
+from tests.conftest import LEARNER_NAMES, conv_episode, meta_batch, small
+
+# Per task at evaluation: compiled inner gradients, and compiled logits for the scores traced
+# before and after each update plus the final one.
+COMPILED_CALLS = {"maml": (3, 4 + 1), "metalstm": (4, 5 + 1)}
+
+
+def twins(name: str) -> tuple[TaskLoop, TaskLoop]:
+    """The same learner twice, its evaluation eager and compiled."""
+    return TaskLoop(small(name)[0]), TaskLoop(small(name)[0], compiled=True)
+
+
+@pytest.mark.parametrize("name", LEARNER_NAMES)
+def test_compiled_evaluation_scores_episodes_as_the_eager_one(name):
+    eager, compiled = twins(name)
+    calls = []
+    passes = compiled.eval_passes
+    for attribute in ("_gradients", "_logits"):
+        fn = getattr(passes, attribute)
+        setattr(passes, attribute, lambda *a, fn=fn, n=attribute: calls.append(n) or fn(*a))
+    batch = conv_episode(tasks=2)
+    with torch.no_grad():  # as Lightning runs validation
+        expected = meta_batch(eager, batch, training=False, track_steps=True)
+        got = meta_batch(compiled, batch, training=False, track_steps=True)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.step_accuracy, expected.step_accuracy)
+    gradients, logits = COMPILED_CALLS[name]
+    assert calls.count("_gradients") == 2 * gradients and calls.count("_logits") == 2 * logits
+
+
+def test_compiled_inner_gradients_equal_the_eager_ones():
+    eager, compiled = twins("maml")
+    batch = conv_episode()
+    weights = eager.learner.initial_weights(training=False)
+    names = eager.learner.adapted
+    with torch.no_grad():
+        results = [
+            tasks.eval_passes.loss_and_gradients(
+                weights, batch.support_x[0], batch.support_y[0], False, names
+            )
+            for tasks in (eager, compiled)
+        ]
+    (eager_loss, eager_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, eager_loss)
+    for name, grad in eager_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", LEARNER_NAMES)
+def test_compiled_evaluation_leaves_the_meta_gradient_eager(name):
+    eager, compiled = twins(name)
+    batch = conv_episode(tasks=2)
+    for tasks in (eager, compiled):
+        meta_batch(tasks, batch, training=True).loss.backward()
+    for (name, a), b in zip(eager.learner.named_parameters(), compiled.learner.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
