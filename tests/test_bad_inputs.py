@@ -28,7 +28,6 @@ def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
     return {"ckpt": good, "truncated": truncated, "foreign": foreign, "absent": run_dir / "no.ckpt"}
 
 
-
 def user_error(check, *args) -> str:
     with pytest.raises((ConfigError, DataError)) as caught:
         check(*args)

@@ -16,7 +16,6 @@ from tests.conftest import compose_train
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-
 def test_the_trainer_writes_checkpoints_through_the_atomic_writer(tmp_path):
     trainer = build_trainer(compose_train("trainer.enable_progress_bar=false"), tmp_path)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

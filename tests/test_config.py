@@ -14,7 +14,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_builds(experiment):
     cfg = compose_train(f"experiment={experiment}")
@@ -67,7 +66,10 @@ def test_evaluate_config_composes():
         ("trainer.precision=16-mixed", "trainer.precision='16-mixed' is out of range"),
         ("algo.batch_norm_test=query", "algo.batch_norm_test='query' is out of range"),
         ("algo.adapt_only=head", "algo.adapt_only='head' is out of range"),
-        ("backbone.stride=2", "backbone: block 3 of 4 leaves no spatial size for data.image_size=28"),
+        (
+            "backbone.stride=2",
+            "backbone: block 3 of 4 leaves no spatial size for data.image_size=28",
+        ),
         ("algo.vmap_tasks=true trainer.compile=true", "trainer.compile=true cannot run with algo"),
     ],
 )

@@ -42,7 +42,9 @@ def test_adapted_weights_change_the_predictions(name):
     batch = conv_episode()
     *_, adapted = learner.adapt(batch.support_x[0], batch.support_y[0], training=False)
     with torch.no_grad():
-        before = learner.backbone.forward_with(dict(learner.backbone.named_parameters()), batch.query_x[0])
+        before = learner.backbone.forward_with(
+            dict(learner.backbone.named_parameters()), batch.query_x[0]
+        )
         after = learner.backbone.forward_with(adapted, batch.query_x[0])
     assert not torch.allclose(before, after)
 

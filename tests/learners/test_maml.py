@@ -83,7 +83,9 @@ def small_maml(**settings) -> Learner:
 def test_adaptation_lowers_the_support_loss():
     maml, batch = small_maml(), conv_episode()
     losses = [
-        F.cross_entropy(maml.backbone.forward_with(w, batch.support_x[0]), batch.support_y[0]).item()
+        F.cross_entropy(
+            maml.backbone.forward_with(w, batch.support_x[0]), batch.support_y[0]
+        ).item()
         for w in maml.adapt(batch.support_x[0], batch.support_y[0], training=False)
     ]
     assert len(losses) == 4 and losses[-1] < losses[0]
