@@ -11,49 +11,36 @@ from typing import Any
 from fewshot.data.files import write_json
 from fewshot.errors import ConfigError
 from fewshot.evaluation import evaluate_prefixes, inner_loop_summary
-from fewshot.sweep import job_dirs, job_overrides, read_result
+from fewshot.runs import Run, eval_result_path, sweep_jobs, task_suffix
 from fewshot.tables import override_columns, write_table
 
 
 @dataclass
 class Target:
-    """A run to evaluate: its name in the table, its checkpoint (None if it has none), its folder."""
+    """A run to evaluate: its name in the table, its checkpoint (None if it has none), its run."""
 
     name: str
     ckpt: Path | None
-    run_dir: Path
+    run: Run
 
 
 def targets_of(ckpts: Sequence[str], runs: Sequence[str]) -> list[Target]:
     """Checkpoints named directly, then the best checkpoint of each run or of each job of a sweep."""
-    targets = [Target(str(c), Path(c), Path(c).resolve().parent.parent) for c in ckpts]
-    for run in map(Path, runs):
-        if (run / "checkpoints" / "best.ckpt").is_file():
-            targets.append(Target(run.name, run / "checkpoints" / "best.ckpt", run))
+    targets = [Target(str(c), Path(c), Run.of_checkpoint(c)) for c in ckpts]
+    for folder in map(Path, runs):
+        run = Run(folder)
+        if run.best_ckpt.is_file():
+            targets.append(Target(folder.name, run.best_ckpt, run))
             continue
-        jobs = job_dirs(run) if run.is_dir() else []
+        jobs = sweep_jobs(folder) if folder.is_dir() else []
         if not jobs:
             raise ConfigError(
-                f"run={run} holds neither checkpoints/best.ckpt nor the job folders of a sweep"
+                f"run={folder} holds neither checkpoints/best.ckpt nor the job folders of a sweep"
             )
         for job in jobs:
-            best = job / "checkpoints" / "best.ckpt"
-            targets.append(Target(str(job.relative_to(run)), best if best.is_file() else None, job))
+            best = job.best_ckpt if job.best_ckpt.is_file() else None
+            targets.append(Target(job.name_in(folder), best, job))
     return targets
-
-
-def result_path(ckpt: Path, episodes: int, seed: int, task: str = "") -> Path:
-    """Where evaluate.py writes a checkpoint's result: `<run>/eval/<ckpt><task>_<n>ep_seed<seed>.json`."""
-    name = f"{ckpt.stem}{task}_{episodes}ep_seed{seed}.json"
-    return ckpt.resolve().parent.parent / "eval" / name
-
-
-def task_suffix(overrides: Mapping[str, Any], protocol: Mapping[str, Any]) -> str:
-    """`_<way>w<shot>s<query>q` when way, shot or query differ from the run's own, else "":
-    a result on another task gets its own file instead of replacing the run's result."""
-    if all(overrides.get(key) is None for key in ("way", "shot", "query")):
-        return ""
-    return f"_{protocol['way']}w{protocol['shot']}s{protocol['query']}q"
 
 
 def evaluate_targets(
@@ -67,16 +54,16 @@ def evaluate_targets(
     files beside each checkpoint), or why it has none."""
     rows = []
     for target in targets:
-        row: dict[str, Any] = {"target": target, "overrides": job_overrides(target.run_dir)}
+        row: dict[str, Any] = {"target": target, "overrides": target.run.override_values()}
         if target.ckpt is None:
-            recorded = read_result(target.run_dir) or {}
+            recorded = target.run.read_result() or {}
             why = f"failed: {recorded['error']}" if recorded.get("error") else "no best.ckpt"
             rows.append({**row, "results": {}, "status": why})
             continue
         results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads)
         for result in results:
             task = task_suffix(overrides or {}, result["protocol"])
-            write_json(result_path(target.ckpt, result["episodes"], seed, task), result)
+            write_json(eval_result_path(target.ckpt, result["episodes"], seed, task), result)
         rows.append({**row, "results": {r["episodes"]: r for r in results}, "status": "evaluated"})
     # Best validation accuracy first: runs are chosen on validation, never on test.
     best = [_first(r).get("val/acc_best") for r in rows]

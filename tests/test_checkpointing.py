@@ -1,4 +1,4 @@
-"""Checkpoints are written whole, hold everything a resume needs, and find their run."""
+"""Checkpoints are written whole and hold everything a resume needs."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ from lightning_fabric.plugins.io import torch_io
 
 from fewshot.algorithms import ALGORITHMS
 from fewshot.build import build_module, build_trainer
-from fewshot.checkpointing import AtomicCheckpointIO, config_subdir, run_dir_of
+from fewshot.checkpointing import AtomicCheckpointIO
 from fewshot.data.episodes import MetaBatchStream
 from fewshot.data.omniglot import omniglot_splits
 
@@ -40,22 +40,6 @@ def test_a_checkpoint_write_that_crashes_leaves_the_previous_checkpoint(tmp_path
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
-
-
-def test_a_checkpoint_of_a_run_resumes_in_that_run_and_keeps_its_config(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    assert run_dir_of(None, "outputs/new") == "outputs/new"
-    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == "outputs/new"
-    assert config_subdir(str(run)) == ".hydra"
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("way: 5\n")
-    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == str(run)
-    assert config_subdir(str(run)).startswith(".hydra/resumed_")
-    # An earlier state forks a new run: the run's later checkpoints and events are kept.
-    assert run_dir_of(str(run / "checkpoints" / "best.ckpt"), "outputs/new") == "outputs/new"
-    loose = tmp_path / "elsewhere" / "model.ckpt"  # not inside a run: a new run directory
-    assert run_dir_of(str(loose), "outputs/new") == "outputs/new"
 
 
 @pytest.mark.parametrize("algo", sorted(ALGORITHMS))

@@ -10,14 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from fewshot.errors import ConfigError
-from fewshot.sweep import (
-    RESULT,
-    config_digest,
-    read_result,
-    recorded_job,
-    sweep_summary,
-    write_sweep_summary,
-)
+from fewshot.runs import RESULT, Run
+from fewshot.sweep import config_digest, recorded_job, sweep_summary, write_sweep_summary
 from tests.conftest import run_script, run_sweep_with_failures
 
 
@@ -28,7 +22,7 @@ def config(**values):
 def test_a_failure_in_a_multirun_job_is_recorded_and_swallowed(tmp_path):
     with recorded_job(tmp_path, config(), multirun=True) as job:
         raise RuntimeError("CUDA out of\nmemory")
-    result = read_result(tmp_path)
+    result = Run(tmp_path).read_result()
     assert result["status"] == "failed"
     assert result["error"] == "RuntimeError: CUDA out of memory"  # one line
     assert "Traceback" in result["traceback"]
@@ -38,14 +32,14 @@ def test_a_failure_in_a_multirun_job_is_recorded_and_swallowed(tmp_path):
 def test_a_failure_in_a_single_run_is_recorded_and_raised(tmp_path):
     with pytest.raises(ConfigError), recorded_job(tmp_path, config(), multirun=False):
         raise ConfigError("way=1 is out of range")
-    assert read_result(tmp_path)["error"] == "way=1 is out of range"
+    assert Run(tmp_path).read_result()["error"] == "way=1 is out of range"
 
 
 def test_a_completed_job_records_its_value_and_the_config_it_ran(tmp_path):
     with recorded_job(tmp_path, config(), multirun=True) as job:
         job.completed(0.75, step=40)
     assert job.value == 0.75
-    assert read_result(tmp_path) == {
+    assert Run(tmp_path).read_result() == {
         "status": "completed",
         "val/acc": 0.75,
         "step": 40,
@@ -122,7 +116,7 @@ def test_a_failed_job_is_listed_and_the_others_keep_their_results(sweep_with_fai
     assert completed[0]["val/acc"] >= completed[1]["val/acc"]
     for row in failed:
         assert row["status"] == "failed" and "torch_xla" in row["error"]
-        assert "Traceback" in read_result(sweep_dir / row["job"])["traceback"]
+        assert "Traceback" in Run(sweep_dir / row["job"]).read_result()["traceback"]
     summary = (sweep_dir / "summary.md").read_text()
     assert "4 jobs: 2 completed, 2 failed" in summary
     assert summary in proc.stdout  # printed at the end too
