@@ -21,8 +21,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.errors import ConfigError, DataError
+from fewshot.reporting import (
+    Row,
+    common_overrides_line,
+    override_columns,
+    override_keys,
+    write_table,
+)
 from fewshot.runs import Run, sweep_jobs
-from fewshot.tables import override_columns, write_table
 
 log = logging.getLogger(__name__)
 
@@ -104,54 +110,41 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
 _ORDER = {"completed": 0, "failed": 1, "incomplete": 2}
 
 
-def sweep_summary(sweep_dir: str | Path) -> tuple[list[str], dict[str, str], list[dict[str, Any]]]:
+def sweep_summary(sweep_dir: str | Path) -> tuple[list[str], dict[str, str], list[Row]]:
     """The jobs of a sweep, best first: (columns that vary, overrides all share, rows)."""
-    rows = []
-    for job in sweep_jobs(sweep_dir):
-        result = job.read_result() or {"status": "incomplete"}
-        rows.append(
-            {
-                "job": job.name_in(sweep_dir),
-                "overrides": job.override_values(),
-                "status": result.get("status", "incomplete"),
-                "val/acc": result.get("val/acc"),
-                "step": result.get("step"),
-                "error": result.get("error"),
-            }
-        )
+    rows = [Row.recorded(job, job.name_in(sweep_dir)) for job in sweep_jobs(sweep_dir)]
     # Completed first, best val/acc first; then failed, then unfinished; ties keep job order.
-    rows.sort(
-        key=lambda r: (_ORDER.get(r["status"], 3), r["val/acc"] is None, -(r["val/acc"] or 0))
-    )
-    varying, common = override_columns([r["overrides"] for r in rows])
+    rows.sort(key=lambda r: (_ORDER.get(r.status, 3), *r.rank()))
+    varying, common = override_columns(rows)
     return varying, common, rows
 
 
-def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[Row]]:
     """Write `summary.md` and `summary.csv` in the sweep folder; return the .md path and rows."""
     sweep_dir = Path(sweep_dir)
     varying, common, rows = sweep_summary(sweep_dir)
-    counts = {s: sum(r["status"] == s for r in rows) for s in _ORDER}
+    counts = {s: sum(r.status == s for r in rows) for s in _ORDER}
     preamble = (
         f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         + ". Best validation accuracy (val/acc) of each job, best first.\n"
+        + common_overrides_line(common, "job")
     )
-    if common:
-        preamble += "Overrides of every job: " + " ".join(f"`{k}={v}`" for k, v in common.items())
-        preamble += "\n"
     table = [
         {
-            **r,
-            **r["overrides"],
-            "val/acc (%)": None if r["val/acc"] is None else f"{100 * r['val/acc']:.2f}",
+            "job": r.name,
+            "status": r.status,
+            "val/acc": r.val_acc,
+            "step": r.step,
+            "error": r.error,
+            **r.overrides,
+            "val/acc (%)": r.val_acc_percent,
         }
         for r in rows
     ]
     md_columns = ["job", *varying, "val/acc (%)", "step", "status", "error"]
-    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
-    csv_columns = ["job", *keys, "val/acc", "step", "status", "error"]
-    md_path, _ = write_table(
+    csv_columns = ["job", *override_keys(rows), "val/acc", "step", "status", "error"]
+    md_path = write_table(
         sweep_dir / SUMMARY, md_columns, table, csv_columns, table, preamble + "\n"
     )
     return md_path, rows
@@ -175,10 +168,10 @@ class SweepSummary(Callback):
         md_path, rows = write_sweep_summary(config.hydra.sweep.dir)
         print(md_path.read_text(), flush=True)
         log.info("sweep summary: %s and %s", md_path, md_path.with_suffix(".csv"))
-        unfinished = sum(r["status"] == "incomplete" for r in rows)
+        unfinished = sum(r.status == "incomplete" for r in rows)
         if unfinished:  # left by an earlier, interrupted sweep into this folder
             log.warning("%d jobs in %s have no result (interrupted?)", unfinished, md_path.parent)
-        failed = sum(r["status"] == "failed" for r in rows)
+        failed = sum(r.status == "failed" for r in rows)
         if failed:
             log.error("%d of %d jobs failed; see %s", failed, len(rows), md_path)
             sys.exit(1)
