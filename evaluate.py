@@ -9,16 +9,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.comparison import (
-    evaluate_targets,
-    result_path,
-    targets_of,
-    task_suffix,
-    write_evaluation_table,
-)
+from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
 from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
+from fewshot.runs import eval_result_path, task_suffix
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         )
     task = task_suffix(cfg, result["protocol"])
     output = (
-        Path(cfg.output)
-        if cfg.output
-        else result_path(Path(cfg.ckpt), cfg.episodes, cfg.seed, task)
+        Path(cfg.output) if cfg.output else eval_result_path(cfg.ckpt, cfg.episodes, cfg.seed, task)
     )
     write_json(output, result)
     p = result["protocol"]

@@ -9,9 +9,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.build import build_datamodule, build_module, build_trainer
-from fewshot.checkpointing import check_resumable, config_subdir, fit_outcome, run_dir_of
+from fewshot.checkpointing import check_resumable, fit_outcome
 from fewshot.config import check_config
 from fewshot.errors import reported_as_one_line, run_entry_point
+from fewshot.runs import config_subdir, run_dir_of
 from fewshot.sweep import recorded_job
 
 # Used in conf/train.yaml's hydra section: a resumed run continues in its own directory.

@@ -4,7 +4,6 @@ reading them back, and refusing one that does not fit the config before Lightnin
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from fewshot.data.files import atomic_path
 from fewshot.errors import ConfigError, DataError
 from fewshot.module import current_state_dict
+from fewshot.runs import Run, best_val_acc
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,15 @@ class LatestCheckpoint(Checkpoint):
 
 
 def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
-    folder = run_dir / "checkpoints"
+    run = Run(run_dir)
     best = ModelCheckpoint(
-        dirpath=folder, filename="best", monitor="val/acc", mode="max", enable_version_counter=False
+        dirpath=run.checkpoints,
+        filename=run.best_ckpt.stem,
+        monitor="val/acc",
+        mode="max",
+        enable_version_counter=False,
     )
-    return [best, LatestCheckpoint(folder / "last.ckpt")]
+    return [best, LatestCheckpoint(run.last_ckpt)]
 
 
 def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
@@ -85,33 +89,7 @@ def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
         best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return best, trainer.global_step
     checkpoint = torch.load(latest.path, map_location="cpu", weights_only=False)
-    states = checkpoint.get("callbacks", {})
-    best = next(
-        (s["best_model_score"] for k, s in states.items() if k.startswith("ModelCheckpoint")), None
-    )
-    return best, checkpoint["global_step"]
-
-
-def run_dir_of(ckpt_path: str | None, default: str) -> str:
-    """The run that `<run>/checkpoints/last.ckpt` belongs to, so that resuming continues the
-    run's own checkpoints and TensorBoard events; `default` for a fresh run, a checkpoint outside
-    a run directory, or an earlier one (best.ckpt), which starts a new run rather than overwrite
-    the later state of its own. Used as a resolver in hydra.run.dir."""
-    if ckpt_path is None:
-        return default
-    path = Path(ckpt_path).expanduser().absolute()
-    folder = path.parent
-    is_latest = path.name == "last.ckpt" and folder.name == "checkpoints"
-    return str(folder.parent) if is_latest and (folder.parent / ".hydra").is_dir() else default
-
-
-def config_subdir(run_dir: str) -> str:
-    """Where Hydra records this job's config: `.hydra`, or `.hydra/resumed_<time>` when the run
-    directory already has one, so that resuming keeps the original run's config and overrides.
-    Used as a resolver in hydra.output_subdir."""
-    if not (Path(run_dir) / ".hydra" / "config.yaml").is_file():
-        return ".hydra"
-    return f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    return best_val_acc(checkpoint), checkpoint["global_step"]
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, dict[str, Any]]:
@@ -190,27 +168,18 @@ def check_state_fits(module: nn.Module, state_dict: dict[str, Any], key: str, pa
             )
 
 
-def _run_overrides(path: Path) -> str | None:
-    """The command-line overrides of the run that wrote the checkpoint at `path`, if recorded."""
-    recorded = path.absolute().parent.parent / ".hydra" / "overrides.yaml"
-    if not recorded.is_file():
-        return None
-    overrides = OmegaConf.load(recorded)
-    return " ".join(o for o in overrides if not o.startswith(("ckpt_path=", "hydra.")))
-
-
 def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
     """Refuse `ckpt_path` if it does not fit the model `cfg` builds; warn about other settings
     that differ from the checkpoint's (the resumed run then differs from an uninterrupted one).
     Returns the checkpoint's step."""
     path = Path(cfg.ckpt_path)
     stored, checkpoint = load_checkpoint(path, key="ckpt_path")
-    overrides = _run_overrides(path)
-    hint = (
-        f"resume with the run's own settings (its overrides: {overrides or 'none'})"
-        if overrides is not None
-        else "resume with the settings the checkpoint was trained with"
-    )
+    recorded = Run.of_checkpoint(path).overrides()
+    if recorded is None:
+        hint = "resume with the settings the checkpoint was trained with"
+    else:
+        own = " ".join(o for o in recorded if not o.startswith(("ckpt_path=", "hydra.")))
+        hint = f"resume with the run's own settings (its overrides: {own or 'none'})"
     check_checkpoint_fits(cfg, stored, "ckpt_path", path, hint)
     check_state_fits(module, current_state_dict(checkpoint["state_dict"]), "ckpt_path", path)
     skip = OPERATIONAL_KEYS + MODEL_KEYS

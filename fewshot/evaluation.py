@@ -18,6 +18,7 @@ from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_
 from fewshot.config import check_config, check_value, int_at_least, upgraded
 from fewshot.errors import ConfigError
 from fewshot.module import current_state_dict
+from fewshot.runs import best_val_acc
 
 
 def mean_ci95(accuracies: Tensor) -> tuple[float, float]:
@@ -151,12 +152,3 @@ def evaluate_prefixes(
             }
         )
     return results
-
-
-def best_val_acc(checkpoint: dict[str, Any]) -> float | None:
-    """The best val/acc of the run when the checkpoint was written (its ModelCheckpoint state)."""
-    for state in checkpoint.get("callbacks", {}).values():
-        if isinstance(state, dict) and state.get("monitor") == "val/acc":
-            score = state.get("best_model_score")
-            return None if score is None else float(score)
-    return None

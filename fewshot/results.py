@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import DataError
-from fewshot.evaluation import inner_loop_summary
-from fewshot.tables import markdown
+from fewshot.reporting import Row, markdown
 
 
 @dataclass(frozen=True)
@@ -104,28 +103,29 @@ def _key(algorithm: str, first_order: Any, dataset: str, way: int, shot: int) ->
     return algorithm, bool(first_order), dataset, way, shot
 
 
-def _ours(result: dict[str, Any]) -> dict[str, Any]:
-    p = result["protocol"]
+def _ours(row: Row) -> dict[str, Any]:
+    (episodes,) = row.results  # one result file per row
     return {
-        "fewshot": f"{100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}",
-        "test episodes": result["episodes"],
-        "split": p.get("split"),
-        "batch norm (train/test)": f"{p.get('batch_norm_train')}/{p.get('batch_norm')}",
-        "inner loop (test)": inner_loop_summary(p),
-        "meta-iterations": result.get("trained_steps"),
+        "fewshot": row.test_acc(episodes),
+        "test episodes": episodes,
+        "split": row.protocol.get("split"),
+        "batch norm (train/test)": row.batch_norm,
+        "inner loop (test)": row.inner_loop,
+        "meta-iterations": row.step,
     }
 
 
 def results_tables(results: Sequence[dict[str, Any]]) -> str:
     """One Markdown table per paper: every setting it reports with our results for it (one row
     per result file, "not run" where there is none), then our results for settings it lacks."""
-    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    by_key: dict[tuple, list[Row]] = {}
     for result in sorted(
         results, key=lambda r: (r["episodes"], r.get("trained_steps") or 0, r["test/acc"])
     ):
-        p = result["protocol"]
+        row = Row.evaluated("", {}, [result])
+        p = row.protocol
         key = _key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
-        by_key.setdefault(key, []).append(result)
+        by_key.setdefault(key, []).append(row)
     sections = []
     for paper in PAPERS:
         rows = []
@@ -134,14 +134,14 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
             paper_cell = reported.accuracy
             setting = _setting(*_dws(reported), reported.first_order)
             ours = by_key.pop(key, [])
-            for result in ours:
-                rows.append({"setting": setting, "paper": paper_cell, **_ours(result)})
+            for row in ours:
+                rows.append({"setting": setting, "paper": paper_cell, **_ours(row)})
             if not ours:
                 rows.append({"setting": setting, "paper": paper_cell, "fewshot": "not run"})
         for key in [k for k in by_key if k[0] == paper.algorithm]:
-            for result in by_key.pop(key):
+            for row in by_key.pop(key):
                 setting = _setting(key[2], key[3], key[4], key[1])
-                rows.append({"setting": setting, "paper": "—", **_ours(result)})
+                rows.append({"setting": setting, "paper": "—", **_ours(row)})
         sections.append(
             f"### {paper.title}\n\nPaper's protocol: {paper.protocol}\n\n" + markdown(COLUMNS, rows)
         )

@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -21,13 +20,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, DataError
-from fewshot.tables import override_columns, write_table
+from fewshot.reporting import (
+    Row,
+    common_overrides_line,
+    override_columns,
+    override_keys,
+    write_table,
+)
+from fewshot.runs import Run, sweep_jobs
 
 log = logging.getLogger(__name__)
 
-RESULT = "result.json"  # in each run folder: {"status": "completed" | "failed", ...}
 SUMMARY = "summary"  # summary.md and summary.csv in the sweep folder
 
 
@@ -36,19 +40,6 @@ def config_digest(cfg: DictConfig) -> str:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("skip_finished", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_result(run_dir: str | Path) -> dict[str, Any] | None:
-    """The outcome a run recorded in its folder, or None if it has not recorded one."""
-    path = Path(run_dir) / RESULT
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):  # absent, or not ours: as if never recorded
-        return None
-
-
-def write_result(run_dir: str | Path, result: dict[str, Any]) -> None:
-    write_json(Path(run_dir) / RESULT, result)
 
 
 def one_line(err: BaseException) -> str:
@@ -61,8 +52,8 @@ class Job:
     """One training run's outcome. `finished` holds the result of an earlier run of the same
     config in the same folder when it may be reused; `value` is what train.py returns."""
 
-    def __init__(self, run_dir: Path, digest: str, finished: dict[str, Any] | None) -> None:
-        self.run_dir, self.digest, self.finished = run_dir, digest, finished
+    def __init__(self, run: Run, digest: str, finished: dict[str, Any] | None) -> None:
+        self.run, self.digest, self.finished = run, digest, finished
         self.value: float | None = None if finished is None else finished["val/acc"]
 
     def completed(self, best_val_acc: Any, step: int) -> None:
@@ -70,9 +61,8 @@ class Job:
         best = None if best_val_acc is None else float(best_val_acc)
         # A sweeper is handed a finite number or None (Optuna's plugin fails the study on NaN).
         self.value = best if best is not None and math.isfinite(best) else None
-        write_result(
-            self.run_dir,
-            {"status": "completed", "val/acc": self.value, "step": step, "config": self.digest},
+        self.run.write_result(
+            {"status": "completed", "val/acc": self.value, "step": step, "config": self.digest}
         )
 
     def failed(self, err: BaseException) -> None:
@@ -80,7 +70,7 @@ class Job:
         result = {"status": "failed", "error": one_line(err), "config": self.digest}
         if not isinstance(err, ConfigError | DataError):  # a bug or a crash: keep where it was
             result["traceback"] = "".join(traceback.format_exception(err))
-        write_result(self.run_dir, result)
+        self.run.write_result(result)
 
 
 @contextmanager
@@ -93,7 +83,8 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
     result of the same config reuses it instead of training again.
     """
     digest = config_digest(cfg)
-    earlier = read_result(run_dir)
+    run = Run(run_dir)
+    earlier = run.read_result()
     reuse = (
         multirun
         and cfg.get("skip_finished", True)
@@ -101,7 +92,7 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
         and earlier.get("status") == "completed"
         and earlier.get("config") == digest
     )
-    job = Job(run_dir, digest, earlier if reuse else None)
+    job = Job(run, digest, earlier if reuse else None)
     if reuse:
         log.info("%s finished earlier (val/acc %s): not training it again", run_dir, job.value)
     try:
@@ -116,75 +107,44 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
             log.exception("job failed: %s", one_line(err))  # the traceback goes to the job's log
 
 
-def job_dirs(sweep_dir: str | Path) -> list[Path]:
-    """The job folders of a sweep (those Hydra wrote `.hydra/overrides.yaml` in), by job number."""
-    found = [p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")]
-    return sorted(
-        (d for d in found if d != Path(sweep_dir)),
-        key=lambda d: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(d))],
-    )
-
-
-def job_overrides(run_dir: str | Path) -> dict[str, str]:
-    """The command-line overrides a run was started with, key -> value as typed."""
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    pairs = (str(item).split("=", 1) for item in OmegaConf.load(path))
-    return {pair[0]: pair[1] if len(pair) > 1 else "" for pair in pairs}
-
-
 _ORDER = {"completed": 0, "failed": 1, "incomplete": 2}
 
 
-def sweep_summary(sweep_dir: str | Path) -> tuple[list[str], dict[str, str], list[dict[str, Any]]]:
+def sweep_summary(sweep_dir: str | Path) -> tuple[list[str], dict[str, str], list[Row]]:
     """The jobs of a sweep, best first: (columns that vary, overrides all share, rows)."""
-    rows = []
-    for run_dir in job_dirs(sweep_dir):
-        result = read_result(run_dir) or {"status": "incomplete"}
-        rows.append(
-            {
-                "job": str(run_dir.relative_to(sweep_dir)),
-                "overrides": job_overrides(run_dir),
-                "status": result.get("status", "incomplete"),
-                "val/acc": result.get("val/acc"),
-                "step": result.get("step"),
-                "error": result.get("error"),
-            }
-        )
+    rows = [Row.recorded(job, job.name_in(sweep_dir)) for job in sweep_jobs(sweep_dir)]
     # Completed first, best val/acc first; then failed, then unfinished; ties keep job order.
-    rows.sort(
-        key=lambda r: (_ORDER.get(r["status"], 3), r["val/acc"] is None, -(r["val/acc"] or 0))
-    )
-    varying, common = override_columns([r["overrides"] for r in rows])
+    rows.sort(key=lambda r: (_ORDER.get(r.status, 3), *r.rank()))
+    varying, common = override_columns(rows)
     return varying, common, rows
 
 
-def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
+def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[Row]]:
     """Write `summary.md` and `summary.csv` in the sweep folder; return the .md path and rows."""
     sweep_dir = Path(sweep_dir)
     varying, common, rows = sweep_summary(sweep_dir)
-    counts = {s: sum(r["status"] == s for r in rows) for s in _ORDER}
+    counts = {s: sum(r.status == s for r in rows) for s in _ORDER}
     preamble = (
         f"# Sweep {sweep_dir}\n\n{len(rows)} jobs: "
         + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         + ". Best validation accuracy (val/acc) of each job, best first.\n"
+        + common_overrides_line(common, "job")
     )
-    if common:
-        preamble += "Overrides of every job: " + " ".join(f"`{k}={v}`" for k, v in common.items())
-        preamble += "\n"
     table = [
         {
-            **r,
-            **r["overrides"],
-            "val/acc (%)": None if r["val/acc"] is None else f"{100 * r['val/acc']:.2f}",
+            "job": r.name,
+            "status": r.status,
+            "val/acc": r.val_acc,
+            "step": r.step,
+            "error": r.error,
+            **r.overrides,
+            "val/acc (%)": r.val_acc_percent,
         }
         for r in rows
     ]
     md_columns = ["job", *varying, "val/acc (%)", "step", "status", "error"]
-    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
-    csv_columns = ["job", *keys, "val/acc", "step", "status", "error"]
-    md_path, _ = write_table(
+    csv_columns = ["job", *override_keys(rows), "val/acc", "step", "status", "error"]
+    md_path = write_table(
         sweep_dir / SUMMARY, md_columns, table, csv_columns, table, preamble + "\n"
     )
     return md_path, rows
@@ -197,21 +157,21 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        run_dir = Path(config.hydra.runtime.output_dir)
-        if job_return.status == JobStatus.FAILED and read_result(run_dir) is None:
+        run = Run(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED and run.read_result() is None:
             # An error that escaped the job itself (recorded_job records its own).
             err = job_return._return_value
-            write_result(run_dir, {"status": "failed", "error": one_line(err)})
+            run.write_result({"status": "failed", "error": one_line(err)})
         write_sweep_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         md_path, rows = write_sweep_summary(config.hydra.sweep.dir)
         print(md_path.read_text(), flush=True)
         log.info("sweep summary: %s and %s", md_path, md_path.with_suffix(".csv"))
-        unfinished = sum(r["status"] == "incomplete" for r in rows)
+        unfinished = sum(r.status == "incomplete" for r in rows)
         if unfinished:  # left by an earlier, interrupted sweep into this folder
             log.warning("%d jobs in %s have no result (interrupted?)", unfinished, md_path.parent)
-        failed = sum(r["status"] == "failed" for r in rows)
+        failed = sum(r.status == "failed" for r in rows)
         if failed:
             log.error("%d of %d jobs failed; see %s", failed, len(rows), md_path)
             sys.exit(1)

@@ -1,4 +1,4 @@
-"""Checkpoints are written whole, hold everything a resume needs, and find their run."""
+"""Checkpoints are written whole and hold everything a resume needs."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 from lightning_fabric.plugins.io import torch_io
 
 from fewshot.build import build_module, build_trainer
-from fewshot.checkpointing import AtomicCheckpointIO, config_subdir, run_dir_of
+from fewshot.checkpointing import AtomicCheckpointIO
 from fewshot.data.episodes import MetaBatchStream
 from fewshot.data.omniglot import omniglot_splits
 from fewshot.learners import run_tasks

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.plugin_event_multiplexer import EventM
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from fewshot.dashboards import INNER_STEP_DIR, INNER_STEP_TAG, episode_grid, flat_hparams
-from fewshot.sweep import read_result
+from fewshot.runs import Run
 
 
 def test_hparams_are_flattened_to_the_names_users_override():
@@ -66,7 +66,7 @@ def test_each_run_logs_its_hyperparameters_with_its_final_metrics(completed_runs
         assert hparams["algo.base_lr"].number_value == 0.4
         assert hparams["data.name"].string_value == "omniglot"
         best = events.Scalars("hp/val_acc_best")
-        assert best[-1].value == pytest.approx(read_result(run)["val/acc"])
+        assert best[-1].value == pytest.approx(Run(run).read_result()["val/acc"])
         assert best[-1].step == 4
 
 

@@ -10,14 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from fewshot.errors import ConfigError
-from fewshot.sweep import (
-    RESULT,
-    config_digest,
-    read_result,
-    recorded_job,
-    sweep_summary,
-    write_sweep_summary,
-)
+from fewshot.runs import RESULT, Run
+from fewshot.sweep import config_digest, recorded_job, sweep_summary, write_sweep_summary
 from tests.conftest import run_script, run_sweep_with_failures
 
 
@@ -28,7 +22,7 @@ def config(**values):
 def test_a_failure_in_a_multirun_job_is_recorded_and_swallowed(tmp_path):
     with recorded_job(tmp_path, config(), multirun=True) as job:
         raise RuntimeError("CUDA out of\nmemory")
-    result = read_result(tmp_path)
+    result = Run(tmp_path).read_result()
     assert result["status"] == "failed"
     assert result["error"] == "RuntimeError: CUDA out of memory"  # one line
     assert "Traceback" in result["traceback"]
@@ -38,14 +32,14 @@ def test_a_failure_in_a_multirun_job_is_recorded_and_swallowed(tmp_path):
 def test_a_failure_in_a_single_run_is_recorded_and_raised(tmp_path):
     with pytest.raises(ConfigError), recorded_job(tmp_path, config(), multirun=False):
         raise ConfigError("way=1 is out of range")
-    assert read_result(tmp_path)["error"] == "way=1 is out of range"
+    assert Run(tmp_path).read_result()["error"] == "way=1 is out of range"
 
 
 def test_a_completed_job_records_its_value_and_the_config_it_ran(tmp_path):
     with recorded_job(tmp_path, config(), multirun=True) as job:
         job.completed(0.75, step=40)
     assert job.value == 0.75
-    assert read_result(tmp_path) == {
+    assert Run(tmp_path).read_result() == {
         "status": "completed",
         "val/acc": 0.75,
         "step": 40,
@@ -97,8 +91,8 @@ def test_summary_lists_jobs_best_first_then_failed_then_unfinished(tmp_path):
         tmp_path, "10", ["algo.meta_lr=1e-4", *common], {"status": "completed", "val/acc": 0.9}
     )
     varying, common_overrides, rows = sweep_summary(tmp_path)
-    assert [r["job"] for r in rows] == ["10", "1", "0", "2"]
-    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "incomplete"]
+    assert [r.name for r in rows] == ["10", "1", "0", "2"]
+    assert [r.status for r in rows] == ["completed", "completed", "failed", "incomplete"]
     assert varying == ["algo.meta_lr"] and common_overrides == {"trainer.max_steps": "100"}
     md_path, _ = write_sweep_summary(tmp_path)
     text = md_path.read_text()
@@ -114,15 +108,15 @@ def test_a_failed_job_is_listed_and_the_others_keep_their_results(sweep_with_fai
     assert "Traceback" not in proc.stderr
     varying, _, rows = sweep_summary(sweep_dir)
     assert varying == ["trainer.accelerator", "algo.meta_lr"]
-    assert [r["overrides"]["trainer.accelerator"] for r in rows] == ["cpu", "cpu", "tpu", "tpu"]
+    assert [r.overrides["trainer.accelerator"] for r in rows] == ["cpu", "cpu", "tpu", "tpu"]
     completed, failed = rows[:2], rows[2:]
     for row in completed:
-        assert row["status"] == "completed" and 0 <= row["val/acc"] <= 1 and row["step"] == 4
-        assert (sweep_dir / row["job"] / "checkpoints" / "best.ckpt").is_file()
-    assert completed[0]["val/acc"] >= completed[1]["val/acc"]
+        assert row.status == "completed" and 0 <= row.val_acc <= 1 and row.step == 4
+        assert (sweep_dir / row.name / "checkpoints" / "best.ckpt").is_file()
+    assert completed[0].val_acc >= completed[1].val_acc
     for row in failed:
-        assert row["status"] == "failed" and "torch_xla" in row["error"]
-        assert "Traceback" in read_result(sweep_dir / row["job"])["traceback"]
+        assert row.status == "failed" and "torch_xla" in row.error
+        assert "Traceback" in Run(sweep_dir / row.name).read_result()["traceback"]
     summary = (sweep_dir / "summary.md").read_text()
     assert "4 jobs: 2 completed, 2 failed" in summary
     assert summary in proc.stdout  # printed at the end too
@@ -132,7 +126,7 @@ def test_rerunning_a_sweep_skips_finished_jobs_and_retries_failed_ones(
     sweep_with_failures, quick_overrides
 ):
     sweep_dir, _ = sweep_with_failures
-    done = [r["job"] for r in sweep_summary(sweep_dir)[2] if r["status"] == "completed"]
+    done = [r.name for r in sweep_summary(sweep_dir)[2] if r.status == "completed"]
     stamps = {job: (sweep_dir / job / RESULT).stat().st_mtime_ns for job in done}
     failed_stamp = (sweep_dir / "0" / RESULT).stat().st_mtime_ns
     proc = run_sweep_with_failures(sweep_dir, quick_overrides)
@@ -157,12 +151,10 @@ def test_optuna_preset_runs_two_trials_and_maximises_val_acc(quick_overrides, tm
     )
     best = OmegaConf.load(tmp_path / "optimization_results.yaml")
     _, _, rows = sweep_summary(tmp_path)
-    assert [r["status"] for r in rows] == ["completed", "completed"], proc.stdout[-2000:]
-    assert best.best_value == max(r["val/acc"] for r in rows)
+    assert [r.status for r in rows] == ["completed", "completed"], proc.stdout[-2000:]
+    assert best.best_value == max(r.val_acc for r in rows)
     for row in rows:
-        meta_lr = float(row["overrides"]["algo.meta_lr"])
-        base_lr = float(row["overrides"]["algo.base_lr"])
+        meta_lr = float(row.overrides["algo.meta_lr"])
+        base_lr = float(row.overrides["algo.base_lr"])
         assert 1e-4 <= meta_lr <= 1e-2 and 1e-2 <= base_lr <= 1.0
-    assert math.isclose(
-        best.best_params["algo.meta_lr"], float(rows[0]["overrides"]["algo.meta_lr"])
-    )
+    assert math.isclose(best.best_params["algo.meta_lr"], float(rows[0].overrides["algo.meta_lr"]))

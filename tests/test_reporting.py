@@ -1,0 +1,55 @@
+"""The row model every report is made of: its cells, its order, and the columns of overrides."""
+
+from fewshot.reporting import Row, common_overrides_line, markdown, override_columns
+from fewshot.runs import Run
+
+
+def result(episodes, acc, ci95):
+    """One of evaluate.py's results, as Row.evaluated takes it."""
+    protocol = {"algorithm": "maml", "base_lr": 0.4, "inner_steps_test": 3, "batch_norm": "support"}
+    return {
+        "test/acc": acc,
+        "test/acc_ci95": ci95,
+        "episodes": episodes,
+        "checkpoint": "/runs/a/checkpoints/best.ckpt",
+        "trained_steps": 400,
+        "val/acc_best": 0.6,
+        "protocol": {**protocol, "batch_norm_train": "transductive"},
+    }
+
+
+def test_an_evaluated_row_formats_its_cells_as_every_report_shows_them():
+    row = Row.evaluated("a", {"way": "5"}, [result(100, 0.9312, 0.0041), result(600, 0.93, 0.008)])
+    assert (row.status, row.val_acc_percent, row.step) == ("evaluated", "60.00", 400)
+    assert row.test_acc(100) == "93.12 ± 0.41" and row.test_acc(250) is None
+    assert row.batch_norm == "transductive/support"
+    assert row.inner_loop == "base_lr=0.4 inner_steps_test=3"
+    assert row.checkpoint == "/runs/a/checkpoints/best.ckpt"
+    empty = Row("b", status="failed", error="boom")
+    assert (empty.batch_norm, empty.inner_loop, empty.test_acc(100)) == (None, None, None)
+
+
+def test_a_recorded_row_is_what_the_runs_folder_holds(tmp_path):
+    run = Run(tmp_path)
+    assert Row.recorded(run, "0") == Row("0", status="incomplete")
+    run.write_result({"status": "completed", "val/acc": 0.5, "step": 4, "config": "ab"})
+    assert Row.recorded(run, "0") == Row("0", status="completed", val_acc=0.5, step=4)
+
+
+def test_rows_rank_best_validation_first_and_rows_without_one_last():
+    rows = [Row("none"), Row("low", val_acc=0.2), Row("high", val_acc=0.9), Row("zero", val_acc=0)]
+    assert [r.name for r in sorted(rows, key=Row.rank)] == ["high", "low", "zero", "none"]
+
+
+def test_overrides_that_vary_are_columns_and_shared_ones_one_line_above():
+    rows = [Row("0", {"lr": "0.1", "steps": "9"}), Row("1", {"lr": "0.2", "steps": "9", "x": ""})]
+    varying, common = override_columns(rows)
+    assert varying == ["lr", "x"] and common == {"steps": "9"}
+    assert common_overrides_line(common, "job") == "Overrides of every job: `steps=9`\n"
+    assert common_overrides_line({}, "job") == ""
+    assert override_columns(rows[:1]) == (["lr", "steps"], {})  # one row: nothing is "shared"
+
+
+def test_markdown_cells_stay_on_one_line_and_escape_pipes():
+    text = markdown(["a", "b"], [{"a": "x|y", "b": None}, {"a": "two\nlines"}])
+    assert text.splitlines() == ["| a | b |", "|---|---|", r"| x\|y |  |", "| two lines |  |"]
