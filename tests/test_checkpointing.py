@@ -37,22 +37,6 @@ def test_a_checkpoint_write_that_crashes_leaves_the_previous_checkpoint(tmp_path
     assert list(tmp_path.iterdir()) == [path]
 
 
-def test_a_checkpoint_of_a_run_resumes_in_that_run_and_keeps_its_config(tmp_path):
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    assert run_dir_of(None, "outputs/new") == "outputs/new"
-    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == "outputs/new"
-    assert config_subdir(str(run)) == ".hydra"
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("way: 5\n")
-    assert run_dir_of(str(run / "checkpoints" / "last.ckpt"), "outputs/new") == str(run)
-    assert config_subdir(str(run)).startswith(".hydra/resumed_")
-    # An earlier state forks a new run: the run's later checkpoints and events are kept.
-    assert run_dir_of(str(run / "checkpoints" / "best.ckpt"), "outputs/new") == "outputs/new"
-    loose = tmp_path / "elsewhere" / "model.ckpt"  # not inside a run: a new run directory
-    assert run_dir_of(str(loose), "outputs/new") == "outputs/new"
-
-
 @pytest.mark.parametrize("algo", ["maml", "metalstm"])
 def test_a_training_step_draws_no_global_random_numbers(algo, omniglot):
     """Why a checkpoint needs no RNG state to resume exactly: a step's meta-loss and
