@@ -61,7 +61,7 @@ def test_cache_is_reused_instead_of_decoding_again(roots, tmp_path, monkeypatch)
     first = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("miniimagenet_12px_*.pt"))) == 1
 
-    def no_decoding(*args):
+    def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although a cache exists")
 
     monkeypatch.setattr(mi, "_decode", no_decoding)
