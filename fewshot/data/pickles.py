@@ -53,11 +53,14 @@ def read_pickle(file: IO[bytes], name: str) -> Any:
     except DataError:
         raise
     except EOFError as err:
-        raise DataError(f"{name} ends too early: it is truncated; replace it") from err
+        raise DataError(f"{name} is truncated (the file ends too early); replace it") from err
     except Exception as err:  # any failure to parse means the file is not what it should be
         if "truncated" in str(err):
-            raise DataError(f"{name} ends too early: it is truncated; replace it") from err
-        raise DataError(f"{name} is not a readable pickle ({type(err).__name__}: {err})") from err
+            raise DataError(f"{name} is truncated (the file ends too early); replace it") from err
+        reason = " ".join(str(err).split())  # one line, whatever the parser said
+        raise DataError(
+            f"{name} is not a readable pickle ({type(err).__name__}: {reason})"
+        ) from err
 
 
 def load_pickle(path: Path) -> Any:
