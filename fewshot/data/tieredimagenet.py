@@ -75,7 +75,8 @@ def _decode(item: tuple[str, object], image_size: int) -> bytes:
 def _split_classes(images: Path, labels: Path) -> dict[str, list[tuple[str, object]]]:
     """Class name -> its (where, PNG) items in file order, classes by id; one split in memory."""
     specific, names = _labels(labels)
-    pngs = load_pickle(images)
+    # A list of PNG arrays and nothing else: read as bytes, each array keeps its PNG in place.
+    pngs = load_pickle(images, encoding="bytes")
     if not isinstance(pngs, list | tuple | np.ndarray) or len(pngs) != len(specific):
         count = len(pngs) if hasattr(pngs, "__len__") else type(pngs).__name__
         raise DataError(
