@@ -67,7 +67,13 @@ PAPERS = (
     ),
 )
 
-DATASET_NAMES = {"omniglot": "Omniglot", "miniimagenet": "Mini-ImageNet"}
+DATASET_NAMES = {
+    "omniglot": "Omniglot",
+    "miniimagenet": "Mini-ImageNet",
+    "tieredimagenet": "tieredImageNet",
+    "cifarfs": "CIFAR-FS",
+    "fc100": "FC100",
+}
 COLUMNS = (
     "setting",
     "paper",

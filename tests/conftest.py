@@ -1,4 +1,6 @@
 import os
+import pickle
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,170 @@ class FunctionalLinear(nn.Linear):
 
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         return {}
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2 wrote them: bytes and str as Python 2 `str` (BINSTRING), which
+    Python 3 reads back only with encoding="latin1" (MetaOptNet's, CIFAR's, tiered's files)."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def python2_pickle(obj, path: Path) -> Path:
+    with open(path, "wb") as f:
+        _Python2Pickler(f, protocol=2).dump(obj)
+    return path
+
+
+def mini_arrays(classes=(4, 2, 2), per_class: int = 5, size: int = 84, seed: int = 0) -> dict:
+    """split -> wnid -> uint8 [per_class, size, size, 3]: a small Mini-ImageNet as arrays, class
+    c of the whole set tinted in channel c % 3 (as make_miniimagenet's JPEGs are)."""
+    g = torch.Generator().manual_seed(seed)
+    splits, c = {}, 0
+    for split, count in zip(("train", "val", "test"), classes):
+        splits[split] = {}
+        for _ in range(count):
+            pixels = torch.randint(
+                0, 60, (per_class, size, size, 3), generator=g, dtype=torch.uint8
+            )
+            pixels[..., c % 3] += 180
+            splits[split][f"n{c:08d}"] = pixels.numpy()
+            c += 1
+    return splits
+
+
+def write_mini_layout(root: Path, layout: str, arrays: dict) -> Path:
+    """`arrays` (from mini_arrays) in `layout`: 'cache' / 'cache-validation' (the
+    mini-imagenet-cache pickles), 'metaoptnet' (Python 2 pickles), or 'png' class folders."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    label = 0
+    for split, classes in arrays.items():
+        if layout == "png":
+            for wnid, images in classes.items():
+                (root / split / wnid).mkdir(parents=True)
+                for i, image in enumerate(images):
+                    Image.fromarray(image).save(root / split / wnid / f"{wnid}{i + 1:08d}.png")
+            continue
+        images = np.concatenate(list(classes.values()))
+        if layout.startswith("cache"):
+            name = "validation" if split == "val" and layout == "cache-validation" else split
+            counts = np.cumsum([0] + [len(v) for v in classes.values()])
+            class_dict = {w: list(range(a, b)) for w, a, b in zip(classes, counts, counts[1:])}
+            with open(root / f"mini-imagenet-cache-{name}.pkl", "wb") as f:
+                pickle.dump({"image_data": images, "class_dict": class_dict}, f, protocol=4)
+        else:
+            name = "train_phase_train" if split == "train" else split
+            labels = [label + i for i, v in enumerate(classes.values()) for _ in range(len(v))]
+            catname2label = {w: label + i for i, w in enumerate(classes)}
+            label += len(classes)
+            python2_pickle(
+                {"data": images, "labels": labels, "catname2label": catname2label},
+                root / f"miniImageNet_category_split_{name}.pickle",
+            )
+    return root
+
+
+def make_tiered(root: Path, classes=(3, 2, 2), per_class: int = 4, size: int = 84) -> Path:
+    """A small tieredImageNet release: {split}_images_png.pkl (a list of PNG bytes as
+    cv2.imencode gives them, uint8 [K, 1]) and {split}_labels.pkl, as Python 2 pickles.
+    Class c has per_class + c % 2 images (tiered's classes are unequal), category c // 2."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    c = 0
+    for split, count in zip(("train", "val", "test"), classes):
+        pngs, specific, general = [], [], []
+        for k in range(count):
+            for _ in range(per_class + c % 2):
+                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+                pngs.append(np.frombuffer(buffer.getvalue(), np.uint8).reshape(-1, 1))
+                specific.append(k)
+                general.append(k // 2)
+            c += 1
+        labels = {
+            "label_specific": np.array(specific),
+            "label_general": np.array(general),
+            "label_specific_str": [f"n{split}{k:05d}" for k in range(count)],
+            "label_general_str": [f"{split}_category{k}" for k in range((count + 1) // 2)],
+        }
+        python2_pickle(pngs, root / f"{split}_images_png.pkl")
+        python2_pickle(labels, root / f"{split}_labels.pkl")
+    return root
+
+
+# CIFAR-100's superclasses (coarse_label_names, in order) and their classes.
+CIFAR100_SUPERCLASSES = {
+    "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food_containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit_and_vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household_electrical_devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household_furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large_carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large_man-made_outdoor_things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large_natural_outdoor_scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large_omnivores_and_herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium_mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect_invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small_mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles_1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles_2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+
+
+def make_cifar100(root: Path, train: int = 2, test: int = 1) -> Path:
+    """cifar-100-python.tar.gz as the official one is laid out (Python 2 pickles train, test,
+    meta), with `train` + `test` images per class; pixel [0, 0, 0] of an image is its class."""
+    import tarfile
+
+    fine_names = sorted(n for names in CIFAR100_SUPERCLASSES.values() for n in names)
+    coarse_names = list(CIFAR100_SUPERCLASSES)
+    coarse_of = {
+        n: coarse_names.index(s) for s, names in CIFAR100_SUPERCLASSES.items() for n in names
+    }
+    g = torch.Generator().manual_seed(0)
+    members = {}
+    for part, count in (("train", train), ("test", test)):
+        fine = [c for _ in range(count) for c in range(100)]
+        data = torch.randint(0, 256, (len(fine), 3072), generator=g, dtype=torch.uint8).numpy()
+        data[:, 0] = fine
+        members[part] = {
+            "data": data,
+            "fine_labels": fine,
+            "coarse_labels": [coarse_of[fine_names[c]] for c in fine],
+            "filenames": [f"{part}_{i}.png" for i in range(len(fine))],
+            "batch_label": f"{part} batch",
+        }
+    members["meta"] = {"fine_label_names": fine_names, "coarse_label_names": coarse_names}
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "cifar-100-python.tar.gz", "w:gz") as tar:
+        for name, obj in members.items():
+            python2_pickle(obj, root / name)
+            tar.add(root / name, arcname=f"cifar-100-python/{name}")
+            (root / name).unlink()
+    return root

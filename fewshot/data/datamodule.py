@@ -6,12 +6,14 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from fewshot.data.cifar import load_cifarfs, load_fc100
 from fewshot.data.episodes import ClassImages, FixedEpisodes, MetaBatchStream, stack_tasks
 from fewshot.data.miniimagenet import load_miniimagenet
 from fewshot.data.omniglot import load_omniglot, omniglot_splits
+from fewshot.data.tieredimagenet import load_tieredimagenet
 from fewshot.errors import ConfigError
 
-DATASETS = ("omniglot", "miniimagenet")
+DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
 
 
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
@@ -20,7 +22,13 @@ def load_splits(data: DictConfig) -> dict[str, ClassImages]:
         images = load_omniglot(data.root, data.image_size, data.download, data.cache_dir)
         return omniglot_splits(images, data.split)
     if data.name == "miniimagenet":
-        return load_miniimagenet(data.root, data.image_size, data.cache_dir)
+        return load_miniimagenet(data.root, data.image_size, data.cache_dir, data.workers)
+    if data.name == "tieredimagenet":
+        return load_tieredimagenet(data.root, data.image_size, data.cache_dir, data.workers)
+    if data.name == "cifarfs":
+        return load_cifarfs(data.root, data.image_size, data.download, data.cache_dir)
+    if data.name == "fc100":
+        return load_fc100(data.root, data.image_size, data.download, data.cache_dir)
     raise ConfigError(f"data.name={data.name!r} is not a dataset; choose one of {DATASETS}")
 
 

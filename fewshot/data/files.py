@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -16,7 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -127,30 +128,120 @@ def download(url: str, path: Path, md5: str) -> None:
             raise DataError(f"{url} returned {what} with md5 {got}, expected {md5}; removed it")
 
 
-def _checksum(data: dict[str, Any]) -> str:
-    """SHA-256 over every entry: a tensor's dtype, shape and bytes, anything else's repr."""
+def _entry_digest(value: Any) -> str:
+    """SHA-256 of one cache entry: a tensor's dtype, shape and bytes, anything else's repr."""
     digest = hashlib.sha256()
-    for key in sorted(data):
-        value = data[key]
-        digest.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            value = value.contiguous().cpu()
-            digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
-            digest.update(value.view(-1).view(torch.uint8).numpy())
-        else:
-            digest.update(repr(value).encode())
+    if isinstance(value, torch.Tensor):
+        value = value.contiguous().cpu()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.view(-1).view(torch.uint8).numpy())
+    else:
+        digest.update(repr(value).encode())
     return digest.hexdigest()
+
+
+def _checksum(digests: dict[str, str]) -> str:
+    """SHA-256 over every entry's digest, by key: entries can be hashed in any order."""
+    return hashlib.sha256(
+        "".join(f"{key}={digests[key]};" for key in sorted(digests)).encode()
+    ).hexdigest()
 
 
 def save_cache(path: Path, data: dict[str, Any]) -> None:
     """Write `data` (tensors, lists of names) with a checksum of its contents, atomically."""
+    checksum = _checksum({key: _entry_digest(value) for key, value in data.items()})
     with atomic_path(path) as tmp:
-        torch.save({"data": data, "sha256": _checksum(data)}, tmp)
+        torch.save({"data": data, "sha256": checksum}, tmp)
+
+
+def raw_path(path: Path) -> Path:
+    """The file beside a cache written by CacheWriter that holds its tensors' bytes."""
+    return path.with_name(path.name + ".u8")
+
+
+class ChunkedCache:
+    """A cache being written by `write_chunked_cache`: uint8 tensors one after another, each
+    declared by `begin` and filled from its start by `append`, hashed on the way; other
+    entries (names, sources) set by `put`."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.layout: dict[str, tuple[tuple[int, ...], int]] = {}  # key -> (shape, byte offset)
+        self.extra: dict[str, Any] = {}
+        self.digests: dict[str, str] = {}
+        self._key: str | None = None
+        self._left = 0  # elements the current tensor still needs
+
+    def begin(self, key: str, shape: tuple[int, ...]) -> None:
+        """Start the uint8 tensor `key` of `shape`; the previous one must be complete."""
+        self.finish()
+        shape = tuple(shape)
+        self._key, self._left = key, math.prod(shape)
+        self.layout[key] = (shape, self._file.tell())
+        self._hash = hashlib.sha256(f"{torch.uint8}{shape}".encode())
+        if self._left == 0:
+            self.finish()
+
+    def append(self, chunk: torch.Tensor) -> None:
+        """The next elements of the current tensor in its row-major order (`chunk` any shape)."""
+        if chunk.dtype != torch.uint8 or self._key is None or chunk.numel() > self._left:
+            raise ValueError(f"a chunk of {chunk.numel()} {chunk.dtype} does not fit {self._key}")
+        data = chunk.contiguous().view(-1).numpy()
+        self._hash.update(data)
+        self._file.write(data)
+        self._left -= chunk.numel()
+        if self._left == 0:
+            self.finish()
+
+    def put(self, key: str, value: Any) -> None:
+        self.extra[key] = value
+        self.digests[key] = _entry_digest(value)
+
+    def finish(self) -> None:
+        """Close the current tensor; an incomplete one is an error, never a short cache."""
+        if self._key is None:
+            return
+        if self._left:
+            raise ValueError(f"{self._key} is {self._left} bytes short of its shape")
+        self.digests[self._key] = self._hash.hexdigest()
+        self._key = None
+
+
+@contextmanager
+def write_chunked_cache(path: Path) -> Iterator[ChunkedCache]:
+    """A cache too large for memory, written a chunk at a time; load_cache reads it.
+
+    The tensors' bytes go to `raw_path(path)`, the rest, their layout and the checksum to
+    `path`; both appear only when the block succeeds, and nothing of a failed one stays.
+    """
+    with atomic_path(raw_path(path)) as tmp, open(tmp, "wb") as file:
+        cache = ChunkedCache(file)
+        yield cache
+        cache.finish()
+    with atomic_path(path) as tmp:
+        stored = {"data": cache.extra, "layout": cache.layout, "sha256": _checksum(cache.digests)}
+        torch.save(stored, tmp)
+
+
+def _mapped_tensors(path: Path, layout: dict[str, Any], mmap: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a CacheWriter cache, as views of its raw file (mapped, or read)."""
+    raw = raw_path(path)
+    size = sum(math.prod(shape) for shape, _ in layout.values())
+    if raw.stat().st_size != size:  # truncated or replaced: fails even without verify
+        raise ValueError(f"{raw.name} holds {raw.stat().st_size} bytes, expected {size}")
+    flat = torch.from_file(str(raw), shared=False, size=size, dtype=torch.uint8)
+    if not mmap:
+        flat = flat.clone()
+    return {
+        key: flat[offset : offset + math.prod(shape)].view(shape)
+        for key, (shape, offset) in layout.items()
+    }
 
 
 def load_cache(path: Path, mmap: bool = False, verify: bool = True) -> dict[str, Any] | None:
-    """What `save_cache` wrote, or None if there is none or it is damaged (truncated, or its
-    contents no longer match the checksum stored with them): a cache is rebuilt, never trusted.
+    """What `save_cache` or a `CacheWriter` wrote, or None if there is none or it is damaged
+    (truncated, or its contents no longer match the checksum stored with them): a cache is
+    rebuilt, never trusted.
 
     `mmap` maps the tensors instead of reading them; `verify=False` then skips the checksum,
     which would read every byte (1.3 GB for Mini-ImageNet) — a truncated file still fails.
@@ -159,11 +250,21 @@ def load_cache(path: Path, mmap: bool = False, verify: bool = True) -> dict[str,
         return None
     try:
         stored = torch.load(path, mmap=mmap, weights_only=True)
-        damaged = verify and _checksum(stored["data"]) != stored["sha256"]
+        data = stored["data"]
+        if "layout" in stored:
+            data = {**data, **_mapped_tensors(path, stored["layout"], mmap)}
+        digests = {key: _entry_digest(value) for key, value in data.items()} if verify else {}
+        damaged = verify and _checksum(digests) != stored["sha256"]
     except Exception as err:
         log.warning("rebuilding cache %s: it cannot be read (%s)", path, err)
         return None
     if damaged:
         log.warning("rebuilding cache %s: its contents do not match their checksum", path)
         return None
-    return stored["data"]
+    return data
+
+
+def source_record(root: Path, files: list[Path]) -> dict[str, int]:
+    """Each source file (relative to `root`) with its size: what a cache says it was made
+    from, so that different files, or the same names with other contents, get a new one."""
+    return {file.relative_to(root).as_posix(): file.stat().st_size for file in sorted(files)}

@@ -1,35 +1,65 @@
-"""Mini-ImageNet (Vinyals et al. 2016) in Ravi & Larochelle's split: find the images in either
-common layout, resize and decode them once into a cache that later runs memory-map."""
+"""Mini-ImageNet (Vinyals et al. 2016) in Ravi & Larochelle's split, from whichever common
+release `data.root` holds, decoded once into a cache that later runs memory-map.
+
+The releases read: the `mini-imagenet-cache-{train,val,test}.pkl` pickles (learn2learn's copy
+names the middle one `validation`), MetaOptNet's `miniImageNet_category_split_*.pickle` (Lee et
+al. 2019, from Gidaris & Komodakis 2018), `images/*.jpg` with Ravi & Larochelle's split CSVs,
+and class folders `{train,val,test}/<wnid>/*.jpg`.
+"""
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 from PIL import Image
 
+from fewshot.data.decoding import rgb_bytes, write_split
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import cache_path, load_cache, save_cache
+from fewshot.data.files import cache_path, load_cache, source_record, write_chunked_cache
+from fewshot.data.pickles import load_pickle
 from fewshot.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
+# split -> the names its pickle has in each pickled release (the first present is read)
+PICKLES = {
+    "mini-imagenet-cache pickles": {
+        "train": ("mini-imagenet-cache-train.pkl",),
+        "val": ("mini-imagenet-cache-val.pkl", "mini-imagenet-cache-validation.pkl"),
+        "test": ("mini-imagenet-cache-test.pkl",),
+    },
+    "MetaOptNet pickles": {
+        # train_phase_train holds all 600 images of each meta-train class; train_phase_val
+        # and train_phase_test hold other ImageNet images of those classes, not used here.
+        "train": ("miniImageNet_category_split_train_phase_train.pickle",),
+        "val": ("miniImageNet_category_split_val.pickle",),
+        "test": ("miniImageNet_category_split_test.pickle",),
+    },
+}
 
+Image_ = Path | np.ndarray  # an image file, or uint8 [H, W, 3] pixels from a pickle
+Classes = dict[str, Sequence[Image_]]  # class (wnid) -> its images, in a fixed order
 Listing = dict[str, dict[str, list[Path]]]  # split -> class (wnid) -> image files, sorted
 
 
 def missing_data_message(root: Path) -> str:
     return (
-        f"Mini-ImageNet not found under data.root={root}. Expected either images/*.jpg with "
-        "train.csv, val.csv and test.csv (Ravi & Larochelle's split, columns filename,label), "
-        "or class folders train/<wnid>/*.jpg, val/<wnid>/*.jpg and test/<wnid>/*.jpg. The "
+        f"Mini-ImageNet not found under data.root={root}. Looked for: the pickles "
+        "mini-imagenet-cache-{train,val,test}.pkl (or -validation.pkl); MetaOptNet's "
+        "miniImageNet_category_split_{train_phase_train,val,test}.pickle; images/*.jpg with "
+        "train.csv, val.csv and test.csv (Ravi & Larochelle's split, columns filename,label); "
+        "class folders train/<wnid>/*.jpg, val/<wnid>/*.jpg and test/<wnid>/*.jpg. The "
         "images are ImageNet's and cannot be downloaded automatically: get them from "
         "image-net.org (or a Mini-ImageNet copy you are licensed to use) and put them there; "
         "the split files are those of github.com/twitter-research/meta-learning-lstm."
@@ -64,97 +94,180 @@ def _read_split_folder(root: Path, split: str) -> dict[str, list[Path]]:
     return classes
 
 
-def find_images(root: Path) -> Listing:
-    """The image files of every class of every split, from whichever layout `root` holds."""
+def find_images(root: Path) -> Listing | None:
+    """The image files of every class of every split, if `root` holds a JPEG layout."""
     if (root / "images").is_dir() and all((root / f"{s}.csv").is_file() for s in SPLITS):
         read = _read_split_csv
     elif all((root / s).is_dir() for s in SPLITS):
         read = _read_split_folder
     else:
-        raise DataError(missing_data_message(root))
+        return None
     listing = {}
     for split in SPLITS:
         classes = read(root, split)
-        if not classes:
-            raise DataError(f"the meta-{split} split under data.root={root} has no classes")
         listing[split] = {
             name: sorted(classes[name], key=lambda p: p.name) for name in sorted(classes)
         }
-    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
-        if shared := sorted(listing[a].keys() & listing[b].keys()):
-            raise DataError(f"classes {shared[:3]} are in both meta-{a} and meta-{b} under {root}")
     return listing
 
 
-def _fingerprint(listing: Listing) -> str:
-    """A short hash of which file belongs to which class and split: a changed split or image
-    list gets a cache of its own instead of a stale one."""
-    text = "\n".join(
-        f"{split}/{name}/{file.name}"
-        for split, classes in listing.items()
-        for name, files in classes.items()
-        for file in files
-    )
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
+def _expect(data: object, path: Path, keys: tuple[str, ...]) -> dict:
+    if not isinstance(data, dict) or not set(keys) <= data.keys():
+        got = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path}: expected a dict with keys {list(keys)}, got {got}")
+    return data
 
 
-def _decode(path: Path, image_size: int) -> torch.Tensor:
-    """One image file -> uint8 [3, S, S]."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.LANCZOS)
-    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot read Mini-ImageNet image {path}: {err}") from err
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return pixels.view(image_size, image_size, 3).permute(2, 0, 1)
-
-
-def _decode_split(classes: dict[str, list[Path]], split: str, image_size: int) -> torch.Tensor:
-    """uint8 [classes, per_class, 3, S, S]; every class keeps its first `per_class` images."""
-    counts = {name: len(files) for name, files in classes.items()}
-    per_class = min(counts.values())
-    if max(counts.values()) > per_class:
-        # One tensor per split needs one count; the few extra images of larger classes go.
-        smallest = min(counts, key=counts.get)
-        log.warning(
-            "meta-%s classes hold %d to %d images (fewest: %s); each keeps its first %d by name",
-            split,
-            per_class,
-            max(counts.values()),
-            smallest,
-            per_class,
+def _images(data: dict, key: str, path: Path) -> np.ndarray:
+    """data[key] checked to be uint8 images [N, H, W, 3]."""
+    images = data[key]
+    if not (
+        isinstance(images, np.ndarray)
+        and images.dtype == np.uint8
+        and images.ndim == 4
+        and images.shape[3] == 3
+    ):
+        shape = getattr(images, "shape", None)
+        raise DataError(
+            f"{path}: expected '{key}' to be uint8 images [N, H, W, 3], got "
+            f"{type(images).__name__} {getattr(images, 'dtype', '')} {shape}"
         )
-    images = torch.empty(len(classes), per_class, 3, image_size, image_size, dtype=torch.uint8)
-    for i, files in enumerate(classes.values()):
-        for j, file in enumerate(files[:per_class]):
-            images[i, j] = _decode(file, image_size)
     return images
 
 
+def _indices(value: object, count: int, what: str, path: Path) -> np.ndarray:
+    """`value` as image indices, each in 0..count-1."""
+    try:
+        index = np.asarray(value)
+        ok = index.ndim == 1 and index.dtype.kind in "iu"
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or (index.size and not 0 <= index.min() <= index.max() < count):
+        raise DataError(f"{path}: {what} must be a list of image indices 0..{count - 1}")
+    return index
+
+
+def _read_cache_pickle(path: Path) -> Classes:
+    """A mini-imagenet-cache pickle: `image_data` [N, 84, 84, 3], `class_dict` wnid -> indices."""
+    data = _expect(load_pickle(path), path, ("image_data", "class_dict"))
+    images = _images(data, "image_data", path)
+    if not isinstance(data["class_dict"], dict):
+        raise DataError(f"{path}: expected 'class_dict' to map class names to image indices")
+    return {
+        str(name): [images[i] for i in _indices(index, len(images), f"class_dict[{name!r}]", path)]
+        for name, index in sorted(data["class_dict"].items())
+    }
+
+
+def _read_metaoptnet_pickle(path: Path) -> Classes:
+    """A MetaOptNet pickle: `data` [N, 84, 84, 3], `labels` (a global class id per image) and
+    `catname2label` (wnid -> id), which names the classes if present."""
+    data = _expect(load_pickle(path), path, ("data", "labels"))
+    images = _images(data, "data", path)
+    labels = np.asarray(data["labels"])
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: expected 'labels' to hold one integer per image ({len(images)})")
+    names = {int(label): str(name) for name, label in data.get("catname2label", {}).items()}
+    classes = {
+        names.get(int(label), f"class{int(label):03d}"): [
+            images[i] for i in np.flatnonzero(labels == label)
+        ]
+        for label in np.unique(labels)
+    }
+    return dict(sorted(classes.items()))
+
+
+@dataclass
+class Source:
+    """What data.root holds: its layout, the files read (relative path -> size), and a reader
+    of each split's classes."""
+
+    layout: str
+    files: dict[str, int]
+    read: Callable[[str], Classes]
+
+
+def find_source(root: Path) -> Source:
+    """The first Mini-ImageNet release found in `root`; DataError listing them if none is."""
+    readers = {
+        "mini-imagenet-cache pickles": _read_cache_pickle,
+        "MetaOptNet pickles": _read_metaoptnet_pickle,
+    }
+    for layout, names in PICKLES.items():
+        files = {}
+        for split, candidates in names.items():
+            found = [root / n for n in candidates if (root / n).is_file()]
+            if found:
+                files[split] = found[0]
+        if len(files) == len(SPLITS):
+            read = readers[layout]
+            return Source(
+                layout,
+                source_record(root, list(files.values())),
+                lambda split, read=read, files=files: read(files[split]),
+            )
+    listing = find_images(root)
+    if listing is None:
+        raise DataError(missing_data_message(root))
+    images = [file for classes in listing.values() for files in classes.values() for file in files]
+    layout = "images/ + split CSVs" if (root / "images").is_dir() else "class folders"
+    return Source(layout, source_record(root, images), listing.__getitem__)
+
+
+def _decode(image: Image_, image_size: int) -> bytes:
+    """An image file or uint8 [H, W, 3] pixels -> [S, S, 3] bytes."""
+    if isinstance(image, np.ndarray):
+        return rgb_bytes(Image.fromarray(image), image_size)
+    try:
+        with Image.open(image) as opened:
+            return rgb_bytes(opened, image_size)
+    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"cannot read Mini-ImageNet image {image}: {err}") from err
+
+
+def _splits(cached: dict) -> dict[str, ClassImages]:
+    return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}
+
+
 def load_miniimagenet(
-    root: str | os.PathLike, image_size: int, cache_dir: str | None = None
+    root: str | os.PathLike, image_size: int, cache_dir: str | None = None, workers: int = 0
 ) -> dict[str, ClassImages]:
     """Meta-train/val/test classes as uint8 images [classes, per_class, 3, S, S].
 
-    Decoded once (resized to `image_size`) into a cache file that later runs memory-map, so a
-    run starts in seconds and no episode decodes a JPEG.
+    Decoded once (resized to `image_size`, in `workers` processes) into a cache file that
+    later runs memory-map, so a run starts in seconds and no episode decodes an image. The
+    cache is named by, and records, the source files and their sizes: another source of the
+    same data.root gets a cache of its own.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(missing_data_message(root))
-    listing = find_images(root)
-    name = f"miniimagenet_{image_size}px_{_fingerprint(listing)}.pt"
-    cache = cache_path(root, cache_dir, "miniimagenet", name)
+    source = find_source(root)
+    fingerprint = hashlib.sha1(repr(sorted(source.files.items())).encode()).hexdigest()[:10]
+    cache = cache_path(
+        root, cache_dir, "miniimagenet", f"miniimagenet_{image_size}px_{fingerprint}.pt"
+    )
     cached = load_cache(cache, mmap=True, verify=False)
-    if cached is not None:
-        return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}
-    log.info("decoding Mini-ImageNet from %s (once; cached at %s)", root, cache)
+    if cached is not None and cached.get("sources") == source.files:
+        return _splits(cached)
+    log.info("decoding Mini-ImageNet (%s) from %s (once; cached at %s)", source.layout, root, cache)
     started = time.perf_counter()
-    images = {}
-    for split in SPLITS:
-        log.info("decoding %d meta-%s classes", len(listing[split]), split)
-        images[split] = _decode_split(listing[split], split, image_size)
-    names = {s: list(listing[s]) for s in SPLITS}
-    save_cache(cache, {**images, "names": names})
+    decode = functools.partial(_decode, image_size=image_size)
+    names: dict[str, list[str]] = {}
+    with write_chunked_cache(cache) as out:
+        for split in SPLITS:
+            classes = source.read(split)  # one split in memory at a time
+            if not classes:
+                raise DataError(f"the meta-{split} split under data.root={root} has no classes")
+            for other, seen in names.items():
+                if shared := sorted(set(seen) & classes.keys()):
+                    raise DataError(
+                        f"classes {shared[:3]} are in both meta-{other} and meta-{split} under {root}"
+                    )
+            names[split] = list(classes)
+            write_split(out, split, classes, decode, image_size, workers, f"meta-{split}")
+            del classes
+        out.put("names", names)
+        out.put("sources", source.files)
     log.info("decoded Mini-ImageNet in %.0f s", time.perf_counter() - started)
-    return {s: ClassImages(images[s], names[s]) for s in SPLITS}
+    return _splits(load_cache(cache, mmap=True, verify=False))

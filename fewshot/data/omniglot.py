@@ -117,8 +117,8 @@ def load_omniglot(
 ) -> ClassImages:
     """All 1623 characters as uint8 images [1623, 20, 1, S, S], decoded once and then cached."""
     root = Path(root).expanduser()
-    # v2: stored with a checksum (files.save_cache)
-    cache = cache_path(root, cache_dir, "omniglot", f"omniglot_{image_size}px_v2.pt")
+    # v3: its checksum is over per-entry digests (files.save_cache)
+    cache = cache_path(root, cache_dir, "omniglot", f"omniglot_{image_size}px_v3.pt")
     cached = load_cache(cache)
     if cached is not None:
         return ClassImages(cached["images"], list(cached["names"]))

@@ -10,8 +10,10 @@ from omegaconf import OmegaConf
 
 from fewshot.data import miniimagenet as mi
 from fewshot.data.datamodule import EpisodeDataModule
+from fewshot.data.episodes import FixedEpisodes
+from fewshot.data.files import raw_path
 from fewshot.errors import ConfigError, DataError
-from tests.conftest import make_miniimagenet
+from tests.conftest import make_miniimagenet, mini_arrays, write_mini_layout
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SIZE = 12  # the generated images are 16x16: loading resizes them
@@ -61,7 +63,7 @@ def test_cache_is_reused_instead_of_decoding_again(roots, tmp_path, monkeypatch)
     first = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
     assert len(list(tmp_path.glob("miniimagenet_12px_*.pt"))) == 1
 
-    def no_decoding(*args):
+    def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although a cache exists")
 
     monkeypatch.setattr(mi, "_decode", no_decoding)
@@ -144,3 +146,110 @@ def test_a_class_with_fewer_images_than_shot_plus_query_stops_the_run(folders, t
         match="shot \\+ query = 1 \\+ 15 is out of range: expected at most 5, the images per class of the meta-val",
     ):
         datamodule.setup()
+
+
+PICKLED = ("cache", "cache-validation", "metaoptnet", "png")  # PNG: lossless, so pixels agree
+
+
+@pytest.fixture(scope="module")
+def pickled_roots(tmp_path_factory):
+    """The same 84 px images in every lossless layout."""
+    base, arrays = tmp_path_factory.mktemp("pickled"), mini_arrays()
+    return {layout: write_mini_layout(base / layout, layout, arrays) for layout in PICKLED}, arrays
+
+
+@pytest.mark.parametrize("size", [84, SIZE])
+def test_every_pickled_layout_gives_the_same_images_and_episodes(pickled_roots, tmp_path, size):
+    roots, arrays = pickled_roots
+    loaded = {
+        layout: mi.load_miniimagenet(root, size, cache_dir=str(tmp_path / layout))
+        for layout, root in roots.items()
+    }
+    reference = loaded["png"]
+    assert reference["train"].images.shape == (4, 5, 3, size, size)
+    if size == 84:  # not resized: the pixels are the generated ones
+        assert torch.equal(
+            reference["val"].images[1],
+            torch.from_numpy(arrays["val"]["n00000005"]).permute(0, 3, 1, 2),
+        )
+    for layout, splits in loaded.items():
+        for split in mi.SPLITS:
+            assert splits[split].names == reference[split].names, (layout, split)
+            assert torch.equal(splits[split].images, reference[split].images), (layout, split)
+        a, b = (FixedEpisodes(s["test"], "test", 2, 2, 3, 4, seed=0) for s in (splits, reference))
+        assert all(torch.equal(x, y) for i in range(4) for x, y in zip(a[i], b[i]))
+
+
+def test_a_cache_from_one_source_is_not_reused_for_another(pickled_roots, tmp_path):
+    roots, _ = pickled_roots
+    root = shutil.copytree(roots["cache"], tmp_path / "data")
+    cache = tmp_path / "cache"
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    # Another release of the same data.root takes precedence: MetaOptNet's beside the cache files.
+    for file in roots["metaoptnet"].iterdir():
+        shutil.copy(file, root)
+    (root / "mini-imagenet-cache-test.pkl").unlink()
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    # And a changed file of the same name is another source too.
+    with open(root / "miniImageNet_category_split_val.pickle", "ab") as f:
+        f.write(b"\0")  # bytes after STOP: the pickle still reads, but its size differs
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    headers = sorted(cache.glob("*.pt"))
+    assert len(headers) == 3
+    sources = [mi.load_cache(h, mmap=True, verify=False)["sources"] for h in headers]
+    assert sum("mini-imagenet-cache-train.pkl" in s for s in sources) == 1
+    assert len({tuple(sorted(s.items())) for s in sources}) == 3  # each with its sizes
+
+
+def test_a_truncated_raw_cache_file_is_rebuilt(pickled_roots, tmp_path):
+    roots, _ = pickled_roots
+    good = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path))
+    (header,) = tmp_path.glob("*.pt")
+    raw = raw_path(header)
+    raw.write_bytes(raw.read_bytes()[:-100])
+    again = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path))
+    assert torch.equal(good["val"].images, again["val"].images)
+    assert raw.stat().st_size == sum(s.images.numel() for s in again.values())
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            b"<html><body>Sign in to continue</body></html>",
+            "mini-imagenet-cache-val.pkl is an HTML page",
+        ),
+        (None, "mini-imagenet-cache-val.pkl is truncated"),
+        (
+            {"image_data": torch.zeros(2).numpy()},
+            r"expected a dict with keys \['image_data', 'class_dict'\]",
+        ),
+        (
+            {"image_data": torch.zeros(2, 84, 84).numpy(), "class_dict": {}},
+            r"mini-imagenet-cache-val.pkl: expected 'image_data' to be uint8 images \[N, H, W, 3\]",
+        ),
+    ],
+    ids=["html", "truncated", "keys", "shape"],
+)
+def test_a_bad_pickle_is_named_in_one_line(pickled_roots, tmp_path, content, message):
+    import pickle
+
+    roots, _ = pickled_roots
+    root = shutil.copytree(roots["cache"], tmp_path / "data")
+    victim = root / "mini-imagenet-cache-val.pkl"
+    if content is None:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    else:
+        victim.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
+    with pytest.raises(DataError, match=message) as error:
+        mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"))
+    assert "\n" not in str(error.value)
+    assert not list((tmp_path / "c").iterdir())  # no partial cache is left
+
+
+def test_no_layout_names_every_layout_looked_for(tmp_path):
+    (tmp_path / "mini-imagenet-cache-train.pkl").write_bytes(b"")  # one of three is not a layout
+    with pytest.raises(
+        DataError, match=r"mini-imagenet-cache-.*MetaOptNet.*train.csv.*train/<wnid>"
+    ):
+        mi.load_miniimagenet(tmp_path, SIZE, cache_dir=str(tmp_path / "c"))
