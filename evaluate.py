@@ -26,7 +26,7 @@ def run_overrides(cfg: DictConfig) -> dict[str, Any]:
         "way": cfg.way,
         "shot": cfg.shot,
         "query": cfg.query,
-        "trainer.compile": cfg.trainer.compile,
+        "algo.compile": cfg.algo.compile,
         "trainer.precision": cfg.trainer.precision,
     }
 
@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> float | None:
             evaluate_many(cfg, ckpts, runs)
             return None
         result = evaluate_checkpoint(
-            cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.trainer.threads
+            cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.threads
         )
     task = task_suffix(cfg, result["protocol"])
     output = (
@@ -70,7 +70,7 @@ def evaluate_many(cfg: DictConfig, ckpts: list[str], runs: list[str]) -> None:
     """Evaluate every checkpoint once on the largest episode count; write and print the table."""
     counts = sorted(set(as_list(cfg.episodes)))
     targets = targets_of(ckpts, runs)
-    rows = evaluate_targets(targets, counts, cfg.seed, run_overrides(cfg), cfg.trainer.threads)
+    rows = evaluate_targets(targets, counts, cfg.seed, run_overrides(cfg), cfg.threads)
     if cfg.output:
         table = Path(cfg.output)
     elif len(runs) == 1 and not ckpts:

@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.build import build_datamodule, build_module, build_trainer
+from fewshot.build import build_datamodule, build_module, build_trainer, set_threads
 from fewshot.checkpointing import check_resumable, fit_outcome
 from fewshot.config import check_config
 from fewshot.errors import reported_as_one_line, run_entry_point
@@ -30,6 +30,7 @@ def main(cfg: DictConfig) -> float | None:
         if job.finished:
             return job.value
         check_config(cfg)
+        set_threads(cfg.threads)
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         module = build_module(cfg)  # a backbone that does not fit the images fails here
         resume_step = check_resumable(cfg, module) if cfg.ckpt_path is not None else None

@@ -46,7 +46,7 @@ class Workload:
     image_size: int
     in_channels: int
     reference: dict = field(default_factory=dict)  # s_train, s_test, rss_gb of the best other code
-    compile: bool = False  # trainer.compile: torch.compile evaluation's passes
+    compile: bool = False  # algo.compile: torch.compile evaluation's passes
     bf16: bool = False  # trainer.precision=bf16-mixed: bfloat16 autocast
 
 
@@ -201,7 +201,7 @@ def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None
 
     s_train = median_seconds(meta_iteration, iters)
     start = time.perf_counter()
-    test_episode()  # compiles, with trainer.compile
+    test_episode()  # compiles, with algo.compile
     s_first_test = time.perf_counter() - start
     s_test = median_seconds(test_episode, iters)
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the probes below
@@ -263,7 +263,7 @@ def main() -> None:
         "--vmap", action="store_true", help="also run the MAML rows with algo.vmap_tasks=true"
     )
     parser.add_argument(
-        "--compile", action="store_true", help="also run every row with trainer.compile=true"
+        "--compile", action="store_true", help="also run every row with algo.compile=true"
     )
     parser.add_argument(
         "--bf16",

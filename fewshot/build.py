@@ -20,9 +20,9 @@ from fewshot.learners import Learner, TaskLoop, VmappedTasks
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
 
-# `algo` keys of the outer loop (the LightningModule's and the sampler's); the others are the
-# arguments of the learner that `algo._target_` names.
-OUTER_LOOP_KEYS = ("name", "meta_lr", "meta_batch_size", "grad_clip", "vmap_tasks")
+# `algo` keys of the outer loop and of how tasks are scored (the LightningModule's, the sampler's,
+# the task scorer's); the others are the arguments of the learner that `algo._target_` names.
+OUTER_LOOP_KEYS = ("name", "meta_lr", "meta_batch_size", "grad_clip", "vmap_tasks", "compile")
 
 
 def build_learner(cfg: DictConfig) -> Learner:
@@ -47,7 +47,7 @@ def build_module(cfg: DictConfig) -> EpisodicModule:
     tasks = (
         VmappedTasks(learner)
         if cfg.algo.get("vmap_tasks")
-        else TaskLoop(learner, compiled=cfg.trainer.get("compile", False))
+        else TaskLoop(learner, compiled=cfg.algo.get("compile", False))
     )
     return EpisodicModule(
         learner, tasks, cfg.algo.meta_lr, cfg.algo.get("grad_clip"), resolved_config(cfg)
@@ -79,8 +79,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     events the interrupted run logged after it, which the resumed run logs again.
     """
     options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    set_threads(options.pop("threads"))
-    options.pop("compile", None)  # not a Trainer argument: build_module applies it
     logger = TensorBoardLogger(
         run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
     )

@@ -61,7 +61,8 @@ RULES: dict[str, Rule] = {
     "algo.adapt_only": _NAMES,
     "algo.batch_norm_train": one_of(*BATCH_NORM_MODES),
     "algo.batch_norm_test": one_of(*BATCH_NORM_MODES),
-    "trainer.compile": _BOOLEAN,
+    "algo.compile": _BOOLEAN,
+    "threads": ((lambda v: v is None or int_at_least(1)[0](v)), "null or an integer >= 1"),
     # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
     # backward passes (and bf16 needs none).
     "trainer.precision": one_of("32-true", "bf16-mixed"),
@@ -109,7 +110,7 @@ EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = 
         "set trainer.precision=32-true or algo.vmap_tasks=false",
     ),
     (
-        ("trainer.compile", True),
+        ("algo.compile", True),
         ("algo.vmap_tasks", True),
         "cannot run with",
         "the batched tasks run through torch.func, uncompiled",
@@ -189,14 +190,42 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
+# Keys that moved: old place -> new place.
+MOVED = {"trainer.threads": "threads", "trainer.compile": "algo.compile"}
+
+
 def upgraded(stored: DictConfig) -> DictConfig:
-    """A run config stored by any fewshot version, with the keys the current code reads: an
-    `algo` key added since takes its current default (conf/algo/<name>.yaml)."""
-    name = stored.algo.get("name")
-    defaults = CONF / "algo" / f"{name}.yaml"
-    if not defaults.is_file():
-        choices = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-        raise ConfigError(f"algo.name={name!r} is unknown; choose one of {choices}")
+    """A run config stored by any fewshot version, with the keys the current code reads: a key
+    that moved is moved, an `algo` or `data` key added since takes its current default
+    (conf/<group>/<name>.yaml)."""
     cfg = stored.copy()
-    cfg.algo = OmegaConf.merge(OmegaConf.load(defaults), stored.algo)
+    for old, new in MOVED.items():
+        group, key = old.split(".")
+        if key in cfg.get(group, {}):
+            OmegaConf.update(cfg, new, cfg[group].pop(key), force_add=True)
+    for group in ("algo", "data"):
+        name = cfg[group].get("name")
+        defaults = CONF / group / f"{name}.yaml"
+        if not defaults.is_file():
+            choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+            raise ConfigError(f"{group}.name={name!r} is unknown; choose one of {choices}")
+        cfg[group] = OmegaConf.merge(OmegaConf.load(defaults), cfg[group])
+    cfg.setdefault("threads", None)
     return cfg
+
+
+def check_episode_fits(
+    num_classes: int, per_class: int, split: str, way: int, shot: int, query: int
+) -> None:
+    """Raise ConfigError unless a split of `num_classes` classes of `per_class` images holds
+    `way` classes and `shot + query` images in each."""
+    if way > num_classes:
+        raise ConfigError(
+            f"way={way} is out of range: expected 2..{num_classes} "
+            f"(the meta-{split} split has {num_classes} classes)"
+        )
+    if shot + query > per_class:
+        raise ConfigError(
+            f"shot + query = {shot} + {query} is out of range: expected at most "
+            f"{per_class}, the images per class of the meta-{split} split; lower shot or query"
+        )

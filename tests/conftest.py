@@ -27,6 +27,14 @@ CONF = REPO / "conf"
 OMNIGLOT = Path(os.environ.get("FEWSHOT_OMNIGLOT", REPO.parent / "shared" / "data" / "omniglot"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that read the real Omniglot (every train.py run does) are `slow`; `pytest -m "not
+    slow"` is the fast tier, which needs no data."""
+    for item in items:
+        if "omniglot_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def omniglot_root() -> Path:
     """The real Omniglot zips; CI has them, so their absence is a failure, not a skip."""
@@ -83,7 +91,7 @@ def quick_overrides(omniglot_root, omniglot_cache) -> list[str]:
         "trainer.val_check_interval=2",
         "trainer.log_every_n_steps=1",
         "val_episodes=4",
-        "trainer.threads=1",
+        "threads=1",
         "trainer.enable_progress_bar=false",
     ]
 

@@ -159,7 +159,7 @@ def test_a_bad_input_is_one_clear_line(
             quick_overrides + overrides if where != "load_checkpoint" else overrides
         )
     else:
-        base = quick_overrides if where == "train.py" else ["trainer.threads=1"]
+        base = quick_overrides if where == "train.py" else ["threads=1"]
         proc = run_script(where, *base, *overrides, f"hydra.run.dir={tmp_path}", expect_ok=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr

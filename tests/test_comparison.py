@@ -13,7 +13,7 @@ from tests.conftest import run_script
 @pytest.fixture(scope="module")
 def sweep_table(sweep_with_failures):
     sweep_dir, _ = sweep_with_failures
-    proc = run_script("evaluate.py", f"run={sweep_dir}", "episodes=[6,4]", "trainer.threads=1")
+    proc = run_script("evaluate.py", f"run={sweep_dir}", "episodes=[6,4]", "threads=1")
     return sweep_dir, proc
 
 

@@ -70,7 +70,7 @@ def test_evaluate_config_composes():
             "backbone.stride=2",
             "backbone: block 3 of 4 leaves no spatial size for data.image_size=28",
         ),
-        ("algo.vmap_tasks=true trainer.compile=true", "trainer.compile=true cannot run with algo"),
+        ("algo.vmap_tasks=true algo.compile=true", "algo.compile=true cannot run with algo"),
     ],
 )
 def test_out_of_range_values_name_their_key(override, message):

@@ -60,7 +60,7 @@ def test_evaluation_uses_the_same_episodes_for_the_same_seed(trained_run, tmp_pa
 
 def test_compiled_evaluation_scores_the_checkpoint_as_the_eager_one(trained_run, tmp_path):
     accuracies = [
-        last_checkpoint_accuracy(trained_run, tmp_path / f"{c}.json", f"trainer.compile={c}")
+        last_checkpoint_accuracy(trained_run, tmp_path / f"{c}.json", f"algo.compile={c}")
         for c in ("false", "true")
     ]
     # float noise may flip a few of the 6 x 75 queries
@@ -112,7 +112,7 @@ TINY = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=1",
     "val_episodes=2",
-    "trainer.threads=1",
+    "threads=1",
     "trainer.enable_progress_bar=false",
 ]
 

@@ -49,7 +49,7 @@ def test_a_checkpoint_from_before_the_redesign_scores_the_same(name, omniglot_ro
         f"data.root={omniglot_root}",
         f"episodes={TEST_EPISODES}",
         f"output={out}",
-        "trainer.threads=1",
+        "threads=1",
     )
     got = json.loads(out.read_text())["test/acc"]
     assert got == pytest.approx(REFERENCE["runs"][name]["test/acc"], abs=1e-9)

@@ -211,16 +211,26 @@ def _select(data: dict, keep: dict[str, tuple[str, ...]], what: str) -> dict[str
 
 
 def load_cifarfs(
-    root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None = None
+    root: str | os.PathLike,
+    image_size: int,
+    download: bool,
+    cache_dir: str | None = None,
+    workers: int = 0,
 ) -> dict[str, ClassImages]:
-    """CIFAR-FS meta-train/val/test: 64/16/20 classes, uint8 [classes, 600, 3, S, S]."""
+    """CIFAR-FS meta-train/val/test: 64/16/20 classes, uint8 [classes, 600, 3, S, S].
+    `workers` are the episode loader's: the archive decodes in this process."""
     return _select(_cifar100(root, image_size, download, cache_dir), CIFAR_FS, "CIFAR-FS")
 
 
 def load_fc100(
-    root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None = None
+    root: str | os.PathLike,
+    image_size: int,
+    download: bool,
+    cache_dir: str | None = None,
+    workers: int = 0,
 ) -> dict[str, ClassImages]:
-    """FC100 meta-train/val/test: the classes of 12/4/4 superclasses, 60/20/20 classes."""
+    """FC100 meta-train/val/test: the classes of 12/4/4 superclasses, 60/20/20 classes.
+    `workers` are the episode loader's: the archive decodes in this process."""
     data = _cifar100(root, image_size, download, cache_dir)
     keep = {
         split: tuple(n for n, s in zip(data["names"], data["superclasses"]) if s in supers)

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
+import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from fewshot.data.cifar import load_cifarfs, load_fc100
+from fewshot.config import check_episode_fits
 from fewshot.data.episodes import ClassImages, FixedEpisodes, MetaBatchStream, stack_tasks
-from fewshot.data.miniimagenet import load_miniimagenet
-from fewshot.data.omniglot import load_omniglot, omniglot_splits
-from fewshot.data.tieredimagenet import load_tieredimagenet
-from fewshot.errors import ConfigError
 
-DATASETS = ("omniglot", "miniimagenet", "tieredimagenet", "cifarfs", "fc100")
+# `data` keys the backbone (channels) and the reports (name) read; the others are the arguments
+# of the loader `data._target_` names (`workers` also sets the episode loader's processes).
+NOT_LOADER_KEYS = ("name", "channels")
 
 
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
     """Meta-train/val/test classes of the dataset the `data` config group names."""
-    if data.name == "omniglot":
-        images = load_omniglot(data.root, data.image_size, data.download, data.cache_dir)
-        return omniglot_splits(images, data.split)
-    if data.name == "miniimagenet":
-        return load_miniimagenet(data.root, data.image_size, data.cache_dir, data.workers)
-    if data.name == "tieredimagenet":
-        return load_tieredimagenet(data.root, data.image_size, data.cache_dir, data.workers)
-    if data.name == "cifarfs":
-        return load_cifarfs(data.root, data.image_size, data.download, data.cache_dir)
-    if data.name == "fc100":
-        return load_fc100(data.root, data.image_size, data.download, data.cache_dir)
-    raise ConfigError(f"data.name={data.name!r} is not a dataset; choose one of {DATASETS}")
+    arguments = {k: v for k, v in data.items() if k not in NOT_LOADER_KEYS}
+    return hydra.utils.instantiate(arguments, _convert_="all")
 
 
 class EpisodeDataModule(pl.LightningDataModule):
@@ -59,7 +48,9 @@ class EpisodeDataModule(pl.LightningDataModule):
             for split, classes in sorted(
                 self.splits.items(), key=lambda item: (item[1].num_classes, item[1].per_class)
             ):
-                check_episode_fits(classes, split, self.way, self.shot, self.query)
+                check_episode_fits(
+                    classes.num_classes, classes.per_class, split, self.way, self.shot, self.query
+                )
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -88,17 +79,3 @@ class EpisodeDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._fixed("test", self.test_episodes)
-
-
-def check_episode_fits(classes: ClassImages, split: str, way: int, shot: int, query: int) -> None:
-    """Raise ConfigError unless the split has `way` classes and `shot + query` images in each."""
-    if way > classes.num_classes:
-        raise ConfigError(
-            f"way={way} is out of range: expected 2..{classes.num_classes} "
-            f"(the meta-{split} split has {classes.num_classes} classes)"
-        )
-    if shot + query > classes.per_class:
-        raise ConfigError(
-            f"shot + query = {shot} + {query} is out of range: expected at most "
-            f"{classes.per_class}, the images per class of the meta-{split} split; lower shot or query"
-        )

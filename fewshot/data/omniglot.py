@@ -167,3 +167,16 @@ def omniglot_splits(data: ClassImages, split: str) -> dict[str, ClassImages]:
         groups = {"train": order[:t], "val": order[t : t + v], "test": order[t + v :]}
         return {s: _rotated(_select(data, set(names))) for s, names in groups.items()}
     raise ConfigError(f"data.split={split!r} is not an Omniglot split; choose one of {SPLITS}")
+
+
+def omniglot(
+    root: str | os.PathLike,
+    image_size: int,
+    download: bool,
+    cache_dir: str | None,
+    split: str,
+    workers: int,
+) -> dict[str, ClassImages]:
+    """The meta-train/val/test classes of `split` (conf/data/omniglot.yaml's `_target_`).
+    `workers` are the episode loader's: the zips decode in this process."""
+    return omniglot_splits(load_omniglot(root, image_size, download, cache_dir), split)
