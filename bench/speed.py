@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from fewshot.build import learner_from
-from fewshot.config import CONF
+from fewshot.config import group_option
 from fewshot.data.episodes import Episodes
 from fewshot.learners import TaskLoop, VmappedTasks, plain_backward, run_tasks
 from fewshot.learners.tasks import TaskScorer
@@ -130,9 +130,7 @@ WORKLOADS = [
 def build(workload: Workload) -> TaskScorer:
     """The workload's learner, in the task scorer train.py would build for it."""
     torch.manual_seed(0)
-    algo = OmegaConf.merge(
-        OmegaConf.load(CONF / "algo" / f"{workload.algo['name']}.yaml"), workload.algo
-    )
+    algo = OmegaConf.merge(group_option("algo", workload.algo["name"]), workload.algo)
     settings = dict(workload.backbone)
     if algo.get("vmap_tasks") and settings.get("channels_last") == "auto":
         settings["channels_last"] = False  # as fewshot.config.backbone_config resolves it

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -39,7 +41,19 @@ def build_learner(cfg: DictConfig) -> Learner:
 def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
     """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
     arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
-    return hydra.utils.instantiate(arguments, backbone=backbone, _convert_="all")
+    try:
+        return hydra.utils.instantiate(arguments, backbone=backbone, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if isinstance(cause, TypeError) and unknown:
+            raise ConfigError(
+                f"algo.{unknown[1]} is not a setting of algo={algo.get('name')} "
+                f"({algo.get('_target_')}): remove it"
+            ) from None
+        raise
 
 
 def build_module(cfg: DictConfig) -> EpisodicModule:

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.errors import ConfigError
@@ -190,6 +192,15 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
+def group_option(group: str, name: str) -> DictConfig:
+    """conf/<group>/<name>.yaml as Hydra composes it (its defaults list applied)."""
+    overrides = [f"{group}={name}"]
+    if GlobalHydra.instance().is_initialized():  # inside train.py's or evaluate.py's app
+        return compose("train", overrides=overrides)[group]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides)[group]
+
+
 # Keys that moved: old place -> new place.
 MOVED = {"trainer.threads": "threads", "trainer.compile": "algo.compile"}
 
@@ -209,7 +220,7 @@ def upgraded(stored: DictConfig) -> DictConfig:
         if not defaults.is_file():
             choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
             raise ConfigError(f"{group}.name={name!r} is unknown; choose one of {choices}")
-        cfg[group] = OmegaConf.merge(OmegaConf.load(defaults), cfg[group])
+        cfg[group] = OmegaConf.merge(group_option(group, name), cfg[group])
     cfg.setdefault("threads", None)
     return cfg
 

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from fewshot.build import learner_from
+from fewshot.config import group_option
 from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
 from fewshot.learners import EpisodeResults, Learner, TaskLoop, run_tasks
@@ -166,7 +167,7 @@ def compose_train(*overrides: str):
 
 def make_learner(name: str, backbone: nn.Module, **settings) -> Learner:
     """A learner as train.py builds it from conf/algo/<name>.yaml, with `settings` changed."""
-    algo = OmegaConf.merge(OmegaConf.load(CONF / "algo" / f"{name}.yaml"), settings)
+    algo = OmegaConf.merge(group_option("algo", name), settings)
     return learner_from(algo, backbone)
 
 
@@ -380,3 +381,23 @@ def make_cifar100(root: Path, train: int = 2, test: int = 1) -> Path:
             tar.add(root / name, arcname=f"cifar-100-python/{name}")
             (root / name).unlink()
     return root
+
+
+def linear_task(seed: int = 0):
+    """A 2-class task on 3 features: support 6, query 8 (x float32, y int64)."""
+    g = torch.Generator().manual_seed(seed)
+    sx, qx = torch.randn(6, 3, generator=g), torch.randn(8, 3, generator=g)
+    sy, qy = torch.randint(0, 2, (6,), generator=g), torch.randint(0, 2, (8,), generator=g)
+    return sx, sy, qx, qy
+
+
+def cross_entropy_grad_and_hessian(W, x, y):
+    """Gradient and Hessian of mean cross-entropy of logits x W^T w.r.t. W (row-major), by hand:
+    grad = (p - onehot)^T x / n,  H = sum_i kron(diag(p_i) - p_i p_i^T, x_i x_i^T) / n."""
+    p = torch.softmax(x @ W.T, dim=1)
+    grad = (p - F.one_hot(y, W.shape[0]).double()).T @ x / len(x)
+    hessian = sum(
+        torch.kron(torch.diag(pi) - torch.outer(pi, pi), torch.outer(xi, xi))
+        for pi, xi in zip(p, x)
+    )
+    return grad, hessian / len(x)

@@ -10,6 +10,7 @@ from itertools import repeat
 import torch
 from torch import Tensor, nn
 
+from fewshot.errors import ConfigError
 from fewshot.learners.passes import EagerPasses
 from fewshot.learners.recomputation import recomputed
 from fewshot.learners.rules import State, UpdateRule
@@ -63,6 +64,12 @@ class Learner(nn.Module):
         self.steps, self.steps_test, self.second_order = steps, steps_test, second_order
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
         self.support_batches, self.checkpoint_inner = support_batches, checkpoint_inner
+        if checkpoint_inner and any(True for _ in getattr(rule, "parameters", list)()):
+            # The rerun in backward would differentiate the weights only, not the rule's own.
+            raise ConfigError(
+                "algo.checkpoint_inner=true cannot rerun inner steps whose update rule has "
+                "meta-parameters of its own: set algo.checkpoint_inner=false"
+            )
         names = [n for n, _ in backbone.named_parameters()]
         self.adapted = tuple(
             n for n in names if adapt_only is None or n.startswith(tuple(adapt_only))

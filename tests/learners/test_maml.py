@@ -10,6 +10,8 @@ from tests.conftest import (
     TRANSDUCTIVE,
     FunctionalLinear,
     conv_episode,
+    cross_entropy_grad_and_hessian,
+    linear_task,
     make_learner,
     meta_batch,
     small_backbone,
@@ -23,25 +25,6 @@ def linear_maml(backbone: FunctionalLinear, steps: int, first_order: bool) -> Le
     return make_learner("maml", backbone, base_lr=ALPHA, **settings, **TRANSDUCTIVE)
 
 
-def linear_task(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    sx, qx = torch.randn(6, 3, generator=g), torch.randn(8, 3, generator=g)
-    sy, qy = torch.randint(0, 2, (6,), generator=g), torch.randint(0, 2, (8,), generator=g)
-    return sx, sy, qx, qy
-
-
-def softmax_ce_grad_and_hessian(W, x, y):
-    """Gradient and Hessian of mean cross-entropy of logits x W^T w.r.t. W (row-major), by hand:
-    grad = (p - onehot)^T x / n,  H = sum_i kron(diag(p_i) - p_i p_i^T, x_i x_i^T) / n."""
-    p = torch.softmax(x @ W.T, dim=1)
-    grad = (p - F.one_hot(y, W.shape[0]).double()).T @ x / len(x)
-    hessian = sum(
-        torch.kron(torch.diag(pi) - torch.outer(pi, pi), torch.outer(xi, xi))
-        for pi, xi in zip(p, x)
-    )
-    return grad, hessian / len(x)
-
-
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_gradient_matches_the_hand_derived_one(first_order):
     sx, sy, qx, qy = (t.double() if t.is_floating_point() else t for t in linear_task())
@@ -50,9 +33,9 @@ def test_meta_gradient_matches_the_hand_derived_one(first_order):
     maml = linear_maml(backbone, 1, first_order)
     meta_batch(maml, Episodes(sx[None], sy[None], qx[None], qy[None]), True).loss.backward()
 
-    g_support, h_support = softmax_ce_grad_and_hessian(W, sx, sy)
+    g_support, h_support = cross_entropy_grad_and_hessian(W, sx, sy)
     adapted = W - ALPHA * g_support
-    g_query, _ = softmax_ce_grad_and_hessian(adapted, qx, qy)
+    g_query, _ = cross_entropy_grad_and_hessian(adapted, qx, qy)
     if first_order:
         expected = g_query
     else:  # d/dW L_q(W - a g_s(W)) = (I - a H_s) g_q(W')
