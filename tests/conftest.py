@@ -180,6 +180,7 @@ TRANSDUCTIVE = {"batch_norm_train": "transductive", "batch_norm_test": "transduc
 SMALL = {
     "maml": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
     "metalstm": ({"inner_epochs": 2, "inner_batch_size": 4}, 1 + 2 * 2),  # 6 support images
+    "metasgd": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
 }
 LEARNER_NAMES = list(SMALL)
 
