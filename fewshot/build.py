@@ -17,19 +17,27 @@ from fewshot.config import backbone_config, resolved_config
 from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.divergence import StopOnNonFinite, divergence_hint
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, instantiate
 from fewshot.learners import Learner, TaskLoop, VmappedTasks
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
 
 # `algo` keys of the outer loop and of how tasks are scored (the LightningModule's, the sampler's,
 # the task scorer's); the others are the arguments of the learner that `algo._target_` names.
-OUTER_LOOP_KEYS = ("name", "meta_lr", "meta_batch_size", "grad_clip", "vmap_tasks", "compile")
+OUTER_LOOP_KEYS = (
+    "name",
+    "meta_lr",
+    "meta_lr_schedule",
+    "meta_batch_size",
+    "grad_clip",
+    "vmap_tasks",
+    "compile",
+)
 
 
 def build_learner(cfg: DictConfig) -> Learner:
     """The backbone, and on it the learner `cfg.algo._target_` names."""
-    backbone = hydra.utils.instantiate(backbone_config(cfg))
+    backbone = instantiate(backbone_config(cfg))
     if not isinstance(backbone, FunctionalBackbone):
         raise ConfigError(
             f"backbone._target_={cfg.backbone._target_} has no forward_with(weights, x, "
@@ -42,11 +50,9 @@ def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
     """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
     arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
     try:
-        return hydra.utils.instantiate(arguments, backbone=backbone, _convert_="all")
+        return instantiate(arguments, backbone=backbone, _convert_="all")
     except InstantiationException as err:
         cause = err.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
         if isinstance(cause, TypeError) and unknown:
             raise ConfigError(
@@ -64,7 +70,12 @@ def build_module(cfg: DictConfig) -> EpisodicModule:
         else TaskLoop(learner, compiled=cfg.algo.get("compile", False))
     )
     return EpisodicModule(
-        learner, tasks, cfg.algo.meta_lr, cfg.algo.get("grad_clip"), resolved_config(cfg)
+        learner,
+        tasks,
+        cfg.algo.meta_lr,
+        cfg.algo.get("grad_clip"),
+        resolved_config(cfg),
+        hydra.utils.instantiate(cfg.algo.get("meta_lr_schedule")),
     )
 
 

@@ -61,6 +61,10 @@ RULES: dict[str, Rule] = {
     "algo.vmap_tasks": _BOOLEAN,
     "algo.checkpoint_inner": _BOOLEAN,
     "algo.adapt_only": _NAMES,
+    "algo.lslr": _BOOLEAN,
+    "algo.per_step_norm": _BOOLEAN,
+    "algo.msl_iterations": int_at_least(0),
+    "algo.first_order_iterations": int_at_least(0),
     "algo.batch_norm_train": one_of(*BATCH_NORM_MODES),
     "algo.batch_norm_test": one_of(*BATCH_NORM_MODES),
     "algo.compile": _BOOLEAN,
@@ -148,6 +152,16 @@ def check_config(cfg: DictConfig) -> None:
             f"trainer.val_check_interval={cfg.trainer.val_check_interval} exceeds "
             f"trainer.max_steps={cfg.trainer.max_steps}: the run would never validate"
         )
+    for key, what in (
+        ("algo.msl_iterations", "the multi-step loss would never finish annealing"),
+        ("algo.first_order_iterations", "the meta-gradient would never turn second order"),
+    ):
+        value = OmegaConf.select(cfg, key, default=0)
+        if value and value >= cfg.trainer.max_steps:
+            raise ConfigError(
+                f"{key}={value} is not below trainer.max_steps={cfg.trainer.max_steps}: {what}; "
+                f"lower {key} (0 turns it off)"
+            )
     check_backbone_fits(cfg)
 
 

@@ -9,7 +9,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+import hydra
+from hydra.errors import (
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 log = logging.getLogger("fewshot")
@@ -39,6 +45,17 @@ def _user_error(err: BaseException) -> BaseException | None:
             return ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=<value>")
         err = err.__cause__
     return None
+
+
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, raising a user error the target raised as itself (Hydra wraps
+    it in an InstantiationException, which would read as a crash)."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
 
 
 @contextmanager

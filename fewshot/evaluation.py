@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from fewshot.build import build_datamodule, build_module, set_threads
+from fewshot.build import OUTER_LOOP_KEYS, build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.config import check_config, check_value, int_at_least, upgraded
 from fewshot.errors import ConfigError
@@ -40,6 +40,9 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "query": cfg.query,
         "algorithm": cfg.algo.name,
         "first_order": cfg.algo.get("first_order"),
+        "settings": {
+            k: v for k, v in cfg.algo.items() if k not in OUTER_LOOP_KEYS and k != "_target_"
+        },
         "test_keys": list(test_keys(cfg)),
         **{key: cfg.algo[key] for key in test_keys(cfg)},
         "batch_norm": cfg.algo.batch_norm_test,

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
 
 from fewshot.data.episodes import Episodes
 from fewshot.learners import EpisodeResults, Learner, run_tasks
@@ -30,10 +31,12 @@ class EpisodicModule(pl.LightningModule):
         meta_lr: float,
         grad_clip: float | None,
         config: dict[str, Any],
+        meta_lr_schedule: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
     ) -> None:
         super().__init__()
         self.learner, self.tasks = learner, tasks
         self.meta_lr, self.grad_clip, self.config = meta_lr, grad_clip, config
+        self.meta_lr_schedule = meta_lr_schedule
         # Optimised by hand so that each task's graph is freed by its own backward pass.
         self.automatic_optimization = False
         self.test_accuracies: list[Tensor] = []
@@ -56,10 +59,14 @@ class EpisodicModule(pl.LightningModule):
     def training_step(self, batch: Episodes, batch_idx: int) -> None:
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        results = run_tasks(self.tasks, batch, training=True, backward=self._task_backward())
+        results = run_tasks(
+            self.tasks, batch, True, backward=self._task_backward(), iteration=self.global_step
+        )
         if self.grad_clip is not None:
             self.clip_gradients(optimizer, self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
+        if self.meta_lr_schedule is not None:
+            self.lr_schedulers().step()  # per meta-iteration, as the optimiser
         self._log_results("train", results)
 
     def _task_backward(self) -> Callable[[Tensor, bool], None]:
@@ -86,8 +93,11 @@ class EpisodicModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_accuracies = []  # accuracy of every test episode [episodes], for the CI
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.learner.parameters(), lr=self.meta_lr)
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.meta_lr)
+        if self.meta_lr_schedule is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.meta_lr_schedule(optimizer)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fewshot_config"] = self.config

@@ -181,6 +181,11 @@ SMALL = {
     "maml": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
     "metalstm": ({"inner_epochs": 2, "inner_batch_size": 4}, 1 + 2 * 2),  # 6 support images
     "metasgd": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
+    "anil": ({"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3}, 1 + 3),
+    "mamlpp": (
+        {"base_lr": 0.5, "inner_steps": 2, "inner_steps_test": 3, "msl_iterations": 5},
+        1 + 3,
+    ),
 }
 LEARNER_NAMES = list(SMALL)
 
@@ -199,10 +204,11 @@ def meta_batch(
     training: bool,
     track_steps: bool = False,
     backward: Backward | None = None,
+    iteration: int = 0,
 ) -> EpisodeResults:
     """`run_tasks` on a learner (in a loop) or a task scorer."""
     tasks = learner if isinstance(learner, TaskScorer) else TaskLoop(learner)
-    return run_tasks(tasks, batch, training, track_steps, backward)
+    return run_tasks(tasks, batch, training, track_steps, backward, iteration)
 
 
 class FunctionalLinear(nn.Linear):

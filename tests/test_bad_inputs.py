@@ -57,11 +57,14 @@ CHECKS = {
 # (where, overrides, what the one line must say); {ckpt}, {truncated}, {foreign}, {absent},
 # {tmp} are filled in per run.
 BAD_INPUTS = [
-    ("train.py", ["algo=nope"], ["algo=nope is not an option", "choose one of: maml"]),
+    ("train.py", ["algo=nope"], ["algo=nope is not an option", "choose one of: anil, maml"]),
     (
         "compose",
         ["data=nope"],
-        ["data=nope is not an option", "choose one of: miniimagenet, omniglot"],
+        [
+            "data=nope is not an option",
+            "choose one of: cifarfs, fc100, miniimagenet, omniglot, tieredimagenet",
+        ],
     ),
     ("compose", ["backbone=resnet"], ["backbone=resnet is not an option", "conv4"]),
     (

@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -51,7 +52,23 @@ def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
     return checkpoint_step(last)
 
 
-def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(quick_overrides, tmp_path):
+# Every MAML++ part on, with its annealing inside the run (the cosine schedule's length fixed:
+# the killed run is started with more steps than it will take).
+MAMLPP = [
+    "algo=mamlpp",
+    "algo.inner_steps=2",
+    "algo.inner_steps_test=2",
+    "algo.msl_iterations=5",
+    "algo.first_order_iterations=3",
+    f"algo.meta_lr_schedule.T_max={STEPS}",
+]
+
+
+@pytest.mark.parametrize("algo", [[], MAMLPP], ids=["maml", "mamlpp"])
+def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(
+    algo, quick_overrides, tmp_path
+):
+    quick_overrides = [*quick_overrides, *algo]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_script(
         "train.py", *quick_overrides, f"trainer.max_steps={STEPS}", f"hydra.run.dir={reference}"

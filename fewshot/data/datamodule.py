@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from fewshot.config import check_episode_fits
 from fewshot.data.episodes import ClassImages, FixedEpisodes, MetaBatchStream, stack_tasks
+from fewshot.errors import instantiate
 
 # `data` keys the backbone (channels) and the reports (name) read; the others are the arguments
 # of the loader `data._target_` names (`workers` also sets the episode loader's processes).
@@ -18,7 +18,7 @@ NOT_LOADER_KEYS = ("name", "channels")
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
     """Meta-train/val/test classes of the dataset the `data` config group names."""
     arguments = {k: v for k, v in data.items() if k not in NOT_LOADER_KEYS}
-    return hydra.utils.instantiate(arguments, _convert_="all")
+    return instantiate(arguments, _convert_="all")
 
 
 class EpisodeDataModule(pl.LightningDataModule):

@@ -27,6 +27,29 @@ def whole_support_set(x: Tensor, y: Tensor, steps: int) -> Iterator[tuple[Tensor
     return repeat((x, y), steps)
 
 
+def norm_parameters(backbone: nn.Module) -> Weights:
+    """The backbone's batch-norm weights and biases, by name."""
+    return {
+        f"{module_name}.{name}": w
+        for module_name, module in backbone.named_modules()
+        if isinstance(module, nn.modules.batchnorm._NormBase)
+        for name, w in module.named_parameters(recurse=False)
+    }
+
+
+def adapted_parameters(
+    backbone: nn.Module, adapt_only: Sequence[str] | None, per_step_norm: bool = False
+) -> Weights:
+    """The parameters the inner loop adapts: those named by a prefix in `adapt_only` (all when
+    None), less batch norm's when it has weights per step (meta-learned, not adapted)."""
+    frozen = norm_parameters(backbone) if per_step_norm else {}
+    return {
+        n: w
+        for n, w in backbone.named_parameters()
+        if (adapt_only is None or n.startswith(tuple(adapt_only))) and n not in frozen
+    }
+
+
 class Learner(nn.Module):
     """Adapts the backbone's weights (the learned initialisation) to a task with `rule`.
 
@@ -36,6 +59,11 @@ class Learner(nn.Module):
     (prefixes of their names, e.g. ("head",)); None: all of them. `checkpoint_inner` keeps only
     each second-order step's input weights and reruns the step in backward (a stateless rule
     without meta-parameters only: the rerun must be a function of the weights alone).
+
+    `second_order_from`: the meta-iteration from which the meta-gradient is second order (first
+    order before it: MAML++'s derivative-order annealing). `per_step_norm`: batch norm's weights
+    and biases are meta-learned per inner step (the backbone's own are step 0's; steps past the
+    last trained one use its), and do not adapt (MAML++'s BNWB).
 
     `batch_norm_train` / `batch_norm_test` say which statistics normalise the query set:
     `transductive`, those of the query batch itself (the MAML paper's code), or `support`, those
@@ -58,22 +86,31 @@ class Learner(nn.Module):
         adapt_only: Sequence[str] | None = None,
         support_batches: SupportBatches = whole_support_set,
         checkpoint_inner: bool = False,
+        second_order_from: int = 0,
+        per_step_norm: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.rule = backbone, rule  # registered in this order: Adam's state too
         self.steps, self.steps_test, self.second_order = steps, steps_test, second_order
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
         self.support_batches, self.checkpoint_inner = support_batches, checkpoint_inner
-        if checkpoint_inner and any(True for _ in getattr(rule, "parameters", list)()):
-            # The rerun in backward would differentiate the weights only, not the rule's own.
+        has_parameters = isinstance(rule, nn.Module) and any(True for _ in rule.parameters())
+        if checkpoint_inner and (per_step_norm or has_parameters):
+            # The rerun in backward differentiates the weights only, not other meta-parameters.
             raise ConfigError(
-                "algo.checkpoint_inner=true cannot rerun inner steps whose update rule has "
-                "meta-parameters of its own: set algo.checkpoint_inner=false"
+                "algo.checkpoint_inner=true cannot rerun inner steps that use meta-parameters "
+                "besides the weights (learned step sizes, per-step batch norm): set "
+                "algo.checkpoint_inner=false"
             )
-        names = [n for n, _ in backbone.named_parameters()]
-        self.adapted = tuple(
-            n for n in names if adapt_only is None or n.startswith(tuple(adapt_only))
+        self.second_order_from = second_order_from
+        self.norm_names = tuple(norm_parameters(backbone)) if per_step_norm else ()
+        # [steps - 1, channels] per batch-norm parameter: steps 1.. (step 0's are the backbone's)
+        self.step_norms = nn.ParameterList(
+            nn.Parameter(w.detach().expand(steps - 1, -1).clone())
+            for w in norm_parameters(backbone).values()
+            if per_step_norm
         )
+        self.adapted = tuple(adapted_parameters(backbone, adapt_only, per_step_norm))
 
     def initial_weights(self, training: bool) -> Weights:
         weights = dict(self.backbone.named_parameters())
@@ -89,24 +126,35 @@ class Learner(nn.Module):
         training: bool,
         passes: EagerPasses | None = None,
         start: Weights | None = None,
+        iteration: int = 0,
     ) -> Iterator[Weights]:
         """Yield the task's weights before adaptation and after every inner step.
 
         support_x [way*shot, C, H, W], support_y [way*shot]; `passes`: how the backbone runs
-        (eager when None); `start`: the initial weights, the backbone's when None. When
-        `training`, the last weights carry the graph back to the meta-parameters; otherwise
-        nothing does.
+        (eager when None); `start`: the initial weights, the backbone's when None; `iteration`:
+        the meta-iteration, for settings annealed over training. When `training`, the last
+        weights carry the graph back to the meta-parameters; otherwise nothing does.
         """
         passes = passes or EagerPasses(self.backbone)
         weights = self.initial_weights(training) if start is None else start
+        norm0 = {n: weights[n] for n in self.norm_names}
         yield weights
-        second_order = training and self.second_order
+        second_order = training and self.second_order and iteration >= self.second_order_from
         state = self.rule.init({n: weights[n] for n in self.adapted})
         batches = self.support_batches(
             support_x, support_y, self.steps if training else self.steps_test
         )
         for step, (x, y) in enumerate(batches):
-            inner = partial(self._step, x=x, y=y, step=step, training=training, passes=passes)
+            weights = {**weights, **self._norm_at(step, norm0, training)}
+            inner = partial(
+                self._step,
+                x=x,
+                y=y,
+                step=step,
+                second_order=second_order,
+                training=training,
+                passes=passes,
+            )
             if second_order and self.checkpoint_inner:
                 weights = recomputed(
                     lambda w, inner=inner, state=state: inner(w, state)[0], weights
@@ -123,10 +171,10 @@ class Learner(nn.Module):
         x: Tensor,
         y: Tensor,
         step: int,
+        second_order: bool,
         training: bool,
         passes: EagerPasses,
     ) -> tuple[Weights, State]:
-        second_order = training and self.second_order
         loss, grads = passes.loss_and_gradients(weights, x, y, second_order, self.adapted)
         # At evaluation the update builds no graph: nothing is differentiated through it.
         with torch.set_grad_enabled(training):
@@ -134,6 +182,19 @@ class Learner(nn.Module):
                 grads, state, {n: weights[n] for n in self.adapted}, step, loss
             )
         return {**weights, **adapted}, state
+
+    def _norm_at(self, step: int, norm0: Weights, training: bool) -> Weights:
+        """Batch norm's weights and biases for inner step `step` (empty without per_step_norm)."""
+        last = min(step, self.steps - 1)  # past the trained steps: the last trained step's
+        if last == 0:
+            return norm0
+        norms = {n: p[last - 1] for n, p in zip(self.norm_names, self.step_norms)}
+        return norms if training else {n: w.detach() for n, w in norms.items()}
+
+    def step_loss_weights(self, iteration: int) -> Tensor | None:
+        """Weights of the query losses after each inner step [steps] that the meta-loss sums at
+        meta-iteration `iteration`; None: the last step's loss alone."""
+        return None
 
     def query_logits(
         self,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fewshot.learners.learner import Learner
+from fewshot.learners.learner import Learner, adapted_parameters
 from fewshot.models.functional import FunctionalBackbone, Weights
 
 
@@ -68,14 +68,9 @@ class MetaSGD(Learner):
         checkpoint_inner: bool,
         adapt_only: Sequence[str] | None,
     ) -> None:
-        adapted = {
-            n: w
-            for n, w in backbone.named_parameters()
-            if adapt_only is None or n.startswith(tuple(adapt_only))
-        }
         super().__init__(
             backbone,
-            LearnedStepSizes(adapted, base_lr),
+            LearnedStepSizes(adapted_parameters(backbone, adapt_only), base_lr),
             inner_steps,
             inner_steps_test,
             not first_order,

@@ -52,19 +52,32 @@ def score_task(
     training: bool,
     track_steps: bool,
     start: Weights | None = None,
+    iteration: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Adapt to one task from `start` (the backbone's weights when None) and score its query
     set: loss [], accuracy [], and the accuracy before and after each inner step [steps + 1]
-    (empty unless `track_steps`)."""
-    trace = []
-    for weights in learner.adapt(support_x, support_y, training, passes, start):
+    (empty unless `track_steps`). `iteration`: the meta-iteration, for annealed settings.
+
+    The loss is the query loss after the last step, or, where the learner weights the steps'
+    losses (MAML++'s multi-step loss), their weighted sum."""
+    step_weights = learner.step_loss_weights(iteration) if training else None
+    trace, step_losses, previous = [], [], None
+    adapted = learner.adapt(support_x, support_y, training, passes, start, iteration)
+    for step, weights in enumerate(adapted):
         if track_steps:
             with torch.no_grad():  # for logging only: no graph kept
                 logits = learner.query_logits(weights, support_x, query_x, training, passes)
                 trace.append(accuracy(logits, query_y))
+        if step_weights is not None and previous is not None:  # a step before the last
+            logits = learner.query_logits(previous, support_x, query_x, training, passes)
+            step_losses.append(F.cross_entropy(logits, query_y))
+        previous = weights if step > 0 else None
     logits = learner.query_logits(weights, support_x, query_x, training, passes)
+    loss = F.cross_entropy(logits, query_y)
+    if step_weights is not None:
+        loss = (torch.stack([*step_losses, loss]) * step_weights.to(loss)).sum()
     step_accuracy = torch.stack(trace) if trace else logits.new_empty(0)
-    return F.cross_entropy(logits, query_y), accuracy(logits.detach(), query_y), step_accuracy
+    return loss, accuracy(logits.detach(), query_y), step_accuracy
 
 
 class TaskLoop:
@@ -77,10 +90,14 @@ class TaskLoop:
         self.passes = EagerPasses(learner.backbone)
         self.eval_passes = CompiledPasses(learner.backbone) if compiled else self.passes
 
-    def __call__(self, batch: Episodes, training: bool, track_steps: bool) -> Iterator[Scores]:
+    def __call__(
+        self, batch: Episodes, training: bool, track_steps: bool, iteration: int = 0
+    ) -> Iterator[Scores]:
         passes = self.passes if training else self.eval_passes
         for episode in zip(*batch):
-            loss, acc, trace = score_task(self.learner, passes, *episode, training, track_steps)
+            loss, acc, trace = score_task(
+                self.learner, passes, *episode, training, track_steps, None, iteration
+            )
             yield Scores(loss, acc[None], trace[None])
 
 
@@ -92,12 +109,14 @@ class VmappedTasks:
         self.learner = learner
         self.passes = FunctionalPasses(learner.backbone)
 
-    def __call__(self, batch: Episodes, training: bool, track_steps: bool) -> Iterator[Scores]:
+    def __call__(
+        self, batch: Episodes, training: bool, track_steps: bool, iteration: int = 0
+    ) -> Iterator[Scores]:
         start = self.learner.initial_weights(training)
 
         def task(start: Weights, *episode: Tensor):
             loss, acc, trace = score_task(
-                self.learner, self.passes, *episode, training, track_steps, start
+                self.learner, self.passes, *episode, training, track_steps, start, iteration
             )
             return loss, (loss.detach(), acc, trace)
 
@@ -129,8 +148,9 @@ def run_tasks(
     training: bool,
     track_steps: bool = False,
     backward: Backward | None = None,
+    iteration: int = 0,
 ) -> EpisodeResults:
-    """Score every task of `batch` (see `Episodes` for shapes).
+    """Score every task of `batch` (see `Episodes` for shapes) at meta-iteration `iteration`.
 
     With `backward`, each share of the meta-loss (its tasks' part of the mean) is handed to
     `backward(share, last)` as soon as it exists, and the returned loss is detached; without,
@@ -138,7 +158,7 @@ def run_tasks(
     """
     count = len(batch.query_y)
     losses, accuracies, step_accuracies, done = [], [], [], 0
-    for scores in tasks(batch, training, track_steps):
+    for scores in tasks(batch, training, track_steps, iteration):
         share = scores.loss * len(scores.accuracy) / count
         done += len(scores.accuracy)
         if backward is not None:

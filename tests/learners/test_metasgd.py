@@ -46,7 +46,7 @@ def test_step_sizes_start_at_base_lr_in_the_weights_shapes_and_are_learned():
 
 
 def test_checkpoint_inner_is_refused_for_learned_step_sizes():
-    with pytest.raises(ConfigError, match="algo.checkpoint_inner=true cannot rerun"):
+    with pytest.raises(ConfigError, match="algo.checkpoint_inner=true cannot rerun inner steps"):
         small("metasgd", checkpoint_inner=True)
 
 

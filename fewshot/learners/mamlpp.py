@@ -1,0 +1,92 @@
+"""MAML++: MAML with the fixes of "How to train your MAML", each one a setting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fewshot.learners.learner import Learner, adapted_parameters
+from fewshot.learners.metasgd import LearnedStepSizes
+from fewshot.learners.rules import GradientStep
+from fewshot.models.functional import FunctionalBackbone
+
+# The least weight a step before the last keeps while the multi-step loss anneals (x 1/steps),
+# as in the authors' code.
+MSL_FLOOR = 0.03
+
+
+def multi_step_loss_weights(steps: int, iteration: int, iterations: int) -> Tensor:
+    """[steps] weights of the query losses after each inner step, summing to 1: equal at
+    iteration 0, moving linearly toward the last step until `iterations`, where the earlier
+    steps keep MSL_FLOOR / steps each (Antoniou et al.'s schedule, counted in meta-iterations
+    instead of epochs)."""
+    decay = iteration / (steps * iterations)
+    floor = MSL_FLOOR / steps
+    weights = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
+    weights[:-1] = (weights[:-1] - decay).clamp_min(floor)
+    weights[-1] = min(1.0 / steps + decay * (steps - 1), 1.0 - (steps - 1) * floor)
+    return weights
+
+
+class MAMLPlusPlus(Learner):
+    """MAML with, each as a key: `lslr`, a learned step size per weight tensor and inner step;
+    `msl_iterations`, the multi-step loss (the query losses after every step, weighted, annealed
+    toward the last step over that many meta-iterations, then the last step's alone; 0: off);
+    `per_step_norm`, batch norm's weights and biases per inner step (BNWB); and
+    `first_order_iterations`, first order for that many meta-iterations, then second order.
+
+    Batch norm's per-step running statistics (BNRS) are not kept: the authors' layer normalises
+    with the batch's statistics in every pass (training=True), so its running statistics change
+    no prediction; fewshot's `transductive` mode is that normalisation. With per-step settings,
+    inner steps past the trained ones (inner_steps_test > inner_steps) use the last trained
+    step's step sizes and batch-norm weights. Cosine annealing of meta_lr is the outer loop's
+    `algo.meta_lr_schedule`.
+
+    References: Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019, Section 4.
+    """
+
+    test_keys = ("base_lr", "inner_steps_test")
+
+    def __init__(
+        self,
+        backbone: FunctionalBackbone,
+        base_lr: float,
+        inner_steps: int,
+        inner_steps_test: int,
+        first_order: bool,
+        batch_norm_train: str,
+        batch_norm_test: str,
+        adapt_only: Sequence[str] | None,
+        checkpoint_inner: bool,
+        lslr: bool,
+        msl_iterations: int,
+        per_step_norm: bool,
+        first_order_iterations: int,
+    ) -> None:
+        adapted = adapted_parameters(backbone, adapt_only, per_step_norm)
+        rule = (
+            LearnedStepSizes(adapted, base_lr, inner_steps, per_coordinate=False)
+            if lslr
+            else GradientStep(base_lr)
+        )
+        super().__init__(
+            backbone,
+            rule,
+            inner_steps,
+            inner_steps_test,
+            not first_order,
+            batch_norm_train,
+            batch_norm_test,
+            adapt_only=adapt_only,
+            second_order_from=first_order_iterations,
+            per_step_norm=per_step_norm,
+            checkpoint_inner=checkpoint_inner,
+        )
+        self.msl_iterations = msl_iterations
+
+    def step_loss_weights(self, iteration: int) -> Tensor | None:
+        if self.msl_iterations == 0 or iteration >= self.msl_iterations:
+            return None
+        return multi_step_loss_weights(self.steps, iteration, self.msl_iterations)
