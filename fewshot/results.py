@@ -65,6 +65,40 @@ PAPERS = (
             PaperResult("metalstm", None, "miniimagenet", 5, 5, "60.60 ± 0.71"),
         ),
     ),
+    Paper(
+        "Meta-SGD (Li, Zhou, Chen & Li, arXiv 2017, Tables 1 and 2)",
+        "metasgd",
+        "MAML's nets and splits, one inner step, step sizes meta-learned per coordinate.",
+        (
+            PaperResult("metasgd", False, "omniglot", 5, 1, "99.53 ± 0.26"),
+            PaperResult("metasgd", False, "omniglot", 20, 1, "95.93 ± 0.38"),
+            PaperResult("metasgd", False, "miniimagenet", 5, 1, "50.47 ± 1.87"),
+            PaperResult("metasgd", False, "miniimagenet", 5, 5, "64.03 ± 0.94"),
+        ),
+    ),
+    Paper(
+        "MAML++ (Antoniou, Edwards & Storkey, ICLR 2019, Tables 1 and 2)",
+        "mamlpp",
+        "5 inner steps, every MAML++ part on; numbers as listed for the paper (Papers with "
+        "Code), without the paper's ± (not checked against its table here).",
+        (
+            PaperResult("mamlpp", False, "omniglot", 5, 1, "99.47"),
+            PaperResult("mamlpp", False, "omniglot", 5, 5, "99.85"),
+            PaperResult("mamlpp", False, "omniglot", 20, 1, "97.65"),
+            PaperResult("mamlpp", False, "omniglot", 20, 5, "99.33"),
+            PaperResult("mamlpp", False, "miniimagenet", 5, 1, "52.40"),
+            PaperResult("mamlpp", False, "miniimagenet", 5, 5, "67.15"),
+        ),
+    ),
+    Paper(
+        "ANIL (Raghu, Raghu, Bengio & Vinyals, ICLR 2020, Table 2)",
+        "anil",
+        "MAML's Mini-ImageNet settings, the inner loop adapting the head alone.",
+        (
+            PaperResult("anil", False, "miniimagenet", 5, 1, "46.7 ± 0.4"),
+            PaperResult("anil", False, "miniimagenet", 5, 5, "61.5 ± 0.5"),
+        ),
+    ),
 )
 
 DATASET_NAMES = {

@@ -87,3 +87,17 @@ def test_the_command_reads_json_files_and_refuses_other_files_in_one_line(tmp_pa
     proc = subprocess.run(command[:3] + [str(bad)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}")
     assert "Traceback" not in proc.stderr
+
+
+def test_the_maml_family_results_sit_beside_their_papers_numbers():
+    text = results_tables(
+        [
+            evaluation("metasgd", "omniglot", 5, 1, 0.951, 0.004),
+            evaluation("mamlpp", "omniglot", 20, 1, 0.962, 0.003),
+            evaluation("anil", "miniimagenet", 5, 5, 0.601, 0.007),
+        ]
+    )
+    rows = {title: table_rows(text, title) for title in ("Meta-SGD", "MAML++", "ANIL")}
+    assert ["Omniglot 5-way 1-shot", "99.53 ± 0.26", "95.10 ± 0.40"] == rows["Meta-SGD"][0][:3]
+    assert ["Omniglot 20-way 1-shot", "97.65", "96.20 ± 0.30"] == rows["MAML++"][2][:3]
+    assert ["Mini-ImageNet 5-way 5-shot", "61.5 ± 0.5", "60.10 ± 0.70"] == rows["ANIL"][1][:3]
