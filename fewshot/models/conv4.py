@@ -103,7 +103,7 @@ class Conv4(nn.Module):
                 if self.channels_last:
                     # A 1-channel input (Omniglot) is laid out both ways at once, and torch then
                     # picks the standard layout for the output: convert it, or batch norm and
-                    # max-pooling run on it standard (max-pool 10x slower on 28 px maps).
+                    # max-pooling run on it in the standard layout, much slower on 28 px maps.
                     x = x.contiguous(memory_format=torch.channels_last)
             elif isinstance(layer, nn.BatchNorm2d):
                 if record is not None:
