@@ -98,6 +98,6 @@ def test_the_maml_family_results_sit_beside_their_papers_numbers():
         ]
     )
     rows = {title: table_rows(text, title) for title in ("Meta-SGD", "MAML++", "ANIL")}
-    assert ["Omniglot 5-way 1-shot", "99.53 ± 0.26", "95.10 ± 0.40"] == rows["Meta-SGD"][0][:3]
-    assert ["Omniglot 20-way 1-shot", "97.65", "96.20 ± 0.30"] == rows["MAML++"][2][:3]
-    assert ["Mini-ImageNet 5-way 5-shot", "61.5 ± 0.5", "60.10 ± 0.70"] == rows["ANIL"][1][:3]
+    assert rows["Meta-SGD"][0][:3] == ["Omniglot 5-way 1-shot", "99.53 ± 0.26", "95.10 ± 0.40"]
+    assert rows["MAML++"][2][:3] == ["Omniglot 20-way 1-shot", "97.65", "96.20 ± 0.30"]
+    assert rows["ANIL"][1][:3] == ["Mini-ImageNet 5-way 5-shot", "61.5 ± 0.5", "60.10 ± 0.70"]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fewshot.learners.learner import Learner, adapted_parameters
+from fewshot.learners.maml import MAML
 from fewshot.learners.metasgd import LearnedStepSizes
-from fewshot.learners.rules import GradientStep
-from fewshot.models.functional import FunctionalBackbone
+from fewshot.learners.rules import GradientStep, UpdateRule
+from fewshot.models.functional import FunctionalBackbone, Weights
 
 # The least weight a step before the last keeps while the multi-step loss anneals (x 1/steps),
 # as in the authors' code.
@@ -30,7 +30,7 @@ def multi_step_loss_weights(steps: int, iteration: int, iterations: int) -> Tens
     return weights
 
 
-class MAMLPlusPlus(Learner):
+class MAMLPlusPlus(MAML):
     """MAML with, each as a key: `lslr`, a learned step size per weight tensor and inner step;
     `msl_iterations`, the multi-step loss (the query losses after every step, weighted, annealed
     toward the last step over that many meta-iterations, then the last step's alone; 0: off);
@@ -47,8 +47,6 @@ class MAMLPlusPlus(Learner):
     References: Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019, Section 4.
     """
 
-    test_keys = ("base_lr", "inner_steps_test")
-
     def __init__(
         self,
         backbone: FunctionalBackbone,
@@ -58,33 +56,33 @@ class MAMLPlusPlus(Learner):
         first_order: bool,
         batch_norm_train: str,
         batch_norm_test: str,
-        adapt_only: Sequence[str] | None,
         checkpoint_inner: bool,
+        adapt_only: Sequence[str] | None,
         lslr: bool,
         msl_iterations: int,
         per_step_norm: bool,
         first_order_iterations: int,
     ) -> None:
-        adapted = adapted_parameters(backbone, adapt_only, per_step_norm)
-        rule = (
-            LearnedStepSizes(adapted, base_lr, inner_steps, per_coordinate=False)
-            if lslr
-            else GradientStep(base_lr)
-        )
+        self.lslr = lslr  # read by step_rule, which the base class calls
         super().__init__(
             backbone,
-            rule,
+            base_lr,
             inner_steps,
             inner_steps_test,
-            not first_order,
+            first_order,
             batch_norm_train,
             batch_norm_test,
-            adapt_only=adapt_only,
+            checkpoint_inner,
+            adapt_only,
             second_order_from=first_order_iterations,
             per_step_norm=per_step_norm,
-            checkpoint_inner=checkpoint_inner,
         )
         self.msl_iterations = msl_iterations
+
+    def step_rule(self, adapted: Weights, base_lr: float, steps: int) -> UpdateRule:
+        if self.lslr:
+            return LearnedStepSizes(adapted, base_lr, steps, per_coordinate=False)
+        return GradientStep(base_lr)
 
     def step_loss_weights(self, iteration: int) -> Tensor | None:
         if self.msl_iterations == 0 or iteration >= self.msl_iterations:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
-from fewshot.learners.learner import Learner, adapted_parameters
-from fewshot.models.functional import FunctionalBackbone, Weights
+from fewshot.learners.maml import MAML
+from fewshot.models.functional import Weights
 
 
 class LearnedStepSizes(nn.Module):
@@ -46,7 +44,7 @@ class LearnedStepSizes(nn.Module):
         return updated, None
 
 
-class MetaSGD(Learner):
+class MetaSGD(MAML):
     """Learns the initialisation and a step size per coordinate: `w <- w - alpha * grad`, with
     `alpha` (initialised to `base_lr`) of the weights' shapes, meta-learned with them.
 
@@ -54,28 +52,5 @@ class MetaSGD(Learner):
     Learning", arXiv:1707.09835, 2017, Eq. 3 and Algorithm 1.
     """
 
-    test_keys = ("base_lr", "inner_steps_test")
-
-    def __init__(
-        self,
-        backbone: FunctionalBackbone,
-        base_lr: float,
-        inner_steps: int,
-        inner_steps_test: int,
-        first_order: bool,
-        batch_norm_train: str,
-        batch_norm_test: str,
-        checkpoint_inner: bool,
-        adapt_only: Sequence[str] | None,
-    ) -> None:
-        super().__init__(
-            backbone,
-            LearnedStepSizes(adapted_parameters(backbone, adapt_only), base_lr),
-            inner_steps,
-            inner_steps_test,
-            not first_order,
-            batch_norm_train,
-            batch_norm_test,
-            adapt_only=adapt_only,
-            checkpoint_inner=checkpoint_inner,
-        )
+    def step_rule(self, adapted: Weights, base_lr: float, steps: int) -> LearnedStepSizes:
+        return LearnedStepSizes(adapted, base_lr)
