@@ -53,3 +53,23 @@ def test_a_checkpoint_from_before_the_redesign_scores_the_same(name, omniglot_ro
     )
     got = json.loads(out.read_text())["test/acc"]
     assert got == pytest.approx(REFERENCE["runs"][name]["test/acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["maml", "metalstm"])
+def test_training_resumes_from_a_checkpoint_from_before_the_redesign(
+    name, omniglot_root, omniglot_cache, tmp_path
+):
+    ckpt = FIXTURES / "checkpoints" / f"{name}.ckpt"
+    overrides = [
+        o for o in train_overrides(name, omniglot_root, omniglot_cache) if "max_steps" not in o
+    ]
+    run_script(
+        "train.py",
+        *overrides,
+        "trainer.max_steps=8",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    steps = [s for s, _ in logged(tmp_path, "train/loss")]
+    start = REFERENCE["runs"][name]["val/acc"]  # best.ckpt was written at a validation step
+    assert steps and min(steps) > min(s for s, _ in start) and max(steps) == 7
