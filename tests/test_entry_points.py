@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from fewshot.checkpointing import load_checkpoint
 from tests.conftest import make_miniimagenet, run_script
 
 
@@ -18,9 +18,7 @@ def trained_run(quick_overrides, tmp_path_factory) -> Path:
 
 def test_training_writes_best_and_last_checkpoints_and_tensorboard_events(trained_run):
     assert (trained_run / "checkpoints" / "best.ckpt").is_file()
-    last = torch.load(
-        trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 4
     # last.ckpt is written after the best-model callback: a resumed run remembers its best
     (best_state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
@@ -84,9 +82,7 @@ def test_training_resumes_from_a_checkpoint_with_its_step_count(
         "trainer.max_steps=6",
         f"hydra.run.dir={tmp_path}",
     )
-    last = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 6
 
 
@@ -182,7 +178,5 @@ def test_any_algorithm_trains_on_any_dataset(
     else:
         data = miniimagenet
     run_script("train.py", *overrides, *data, *TINY, f"hydra.run.dir={tmp_path}")
-    last = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 2

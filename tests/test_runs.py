@@ -1,9 +1,9 @@
 """The on-disk contract of a run: recorded overrides, result.json, checkpoint and result paths,
 the job folders of a sweep, the best score a checkpoint holds, and where a resumed run goes."""
 
-import torch
 import yaml
 
+from fewshot.checkpointing import load_checkpoint
 from fewshot.runs import (
     Run,
     best_val_acc,
@@ -79,7 +79,7 @@ def test_the_best_score_of_a_trained_run_is_read_back_from_its_checkpoints(sweep
     for job in trained:
         recorded = job.read_result()["val/acc"]
         for path in (job.best_ckpt, job.last_ckpt):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint(path)[1]
             assert best_val_acc(checkpoint) == recorded
     assert best_val_acc({"callbacks": {}}) is None  # written before the first validation
 
