@@ -149,6 +149,28 @@ def check_config(cfg: DictConfig) -> None:
     check_backbone_fits(cfg)
 
 
+def check_declared_keys(cfg: DictConfig, declared: DictConfig, script: str) -> None:
+    """Raise ConfigError naming a key of `cfg` that `declared` (the script's own config file)
+    lacks: Hydra's `+key=value` adds any key, and one the script does not read would change
+    nothing while the result seemed to follow it."""
+    config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)  # Hydra's own settings, which Hydra reads
+    _check_declared(config, OmegaConf.to_container(declared, resolve=False), script, "")
+
+
+def _check_declared(config: dict, declared: dict, script: str, parent: str) -> None:
+    for name, value in config.items():
+        key = f"{parent}.{name}" if parent else name
+        if name not in declared:
+            has = ", ".join(k for k in declared if k != "hydra")
+            raise ConfigError(
+                f"{key} is not a config key of {script}, so it would change nothing "
+                f"({parent or 'the top level'} has: {has})"
+            )
+        if isinstance(value, dict) and isinstance(declared[name], dict):
+            _check_declared(value, declared[name], script, key)
+
+
 def check_backbone_fits(cfg: DictConfig) -> None:
     """Raise ConfigError if Conv4's blocks shrink the images to nothing."""
     backbone = cfg.backbone

@@ -96,8 +96,8 @@ def evaluate_prefixes(
     result of evaluating n episodes alone.
 
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
-    `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new values; None keeps
-    the run's own.
+    `algo.batch_norm_test`, `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new
+    values; None keeps the run's own.
     """
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = upgraded(stored)

@@ -163,6 +163,28 @@ BAD_INPUTS = [
     ),
     ("evaluate.py", ["ckpt={ckpt}", "backbone.channels=32"], ["backbone is not a config key"]),
     ("evaluate.py", [], ["give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>"]),
+    # `+` adds a key to evaluate.py's config; one it does not read would change nothing.
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "+anything=1"],
+        ["anything is not a config key of evaluate.py, so it would change nothing", "episodes"],
+    ),
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "+algo.inner_steps=5"],
+        ["algo.inner_steps is not a config key of evaluate.py", "algo has: inner_steps_test"],
+    ),
+    ("evaluate.py", ["ckpt={ckpt}", "++data.split=vinyals"], ["data.split is not a config key"]),
+    (
+        "evaluate.py",
+        ["ckpt={metalstm}", "algo.inner_steps_test=5"],
+        ["algo.inner_steps_test is not a setting of this checkpoint's run", "'metalstm'"],
+    ),
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "algo.batch_norm_test=running"],
+        ["algo.batch_norm_test='running' is out of range: expected transductive or support"],
+    ),
     ("load_checkpoint", ["{truncated}"], ["ckpt={truncated} cannot be read", "damaged"]),
     ("load_checkpoint", ["{foreign}"], ["ckpt={foreign} was not written by fewshot's train.py"]),
     (

@@ -39,6 +39,22 @@ def test_evaluate_reports_accuracy_ci_and_protocol_as_json(trained_run, tmp_path
     assert "95% CI" in proc.stdout
 
 
+def test_a_checkpoint_is_scored_under_the_other_batch_norm_mode_into_its_own_file(
+    trained_run, tmp_path
+):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    for mode in ([], ["algo.batch_norm_test=support"]):
+        proc = run_script(
+            "evaluate.py", f"ckpt={ckpt}", "episodes=6", *mode, f"hydra.run.dir={tmp_path}"
+        )
+    assert "support batch norm" in proc.stdout
+    own = json.loads((trained_run / "eval" / "best_6ep_seed0.json").read_text())
+    support = json.loads((trained_run / "eval" / "best_bn-support_6ep_seed0.json").read_text())
+    assert own["protocol"]["batch_norm"] == "transductive"  # the run's own, kept
+    assert support["protocol"]["batch_norm"] == "support"
+    assert support["protocol"]["batch_norm_train"] == "transductive"
+
+
 def last_checkpoint_accuracy(run: Path, out: Path, *overrides: str) -> float:
     """Test accuracy of evaluate.py on the run's last.ckpt over 6 episodes."""
     run_script(

@@ -64,9 +64,13 @@ def test_checkpoints_and_evaluation_results_have_their_places_in_the_run(tmp_pat
     assert run.best_ckpt == tmp_path / "run" / "checkpoints" / "best.ckpt"
     assert run.last_ckpt == tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert Run.of_checkpoint(run.best_ckpt) == run
-    protocol = {"way": 20, "shot": 1, "query": 15}
-    assert task_suffix({"way": None}, protocol) == ""
+    protocol = {"way": 20, "shot": 1, "query": 15, "batch_norm": "support"}
+    assert task_suffix({"way": None, "algo.batch_norm_test": None}, protocol) == ""
     assert task_suffix({"way": 20}, protocol) == "_20w1s15q"
+    assert task_suffix({"algo.batch_norm_test": "support"}, protocol) == "_bn-support"
+    assert task_suffix({"way": 20, "algo.batch_norm_test": "support"}, protocol) == (
+        "_20w1s15q_bn-support"
+    )
     assert eval_result_path(run.best_ckpt, 600, 3) == run.dir / "eval" / "best_600ep_seed3.json"
     path = eval_result_path(run.last_ckpt, 100, 0, "_20w1s15q")
     assert path == run.dir / "eval" / "last_20w1s15q_100ep_seed0.json"
