@@ -102,6 +102,8 @@ def evaluate_prefixes(
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = upgraded(stored)
     cfg.seed = seed
+    # Evaluation runs where Lightning finds an accelerator, whatever the run trained on.
+    OmegaConf.update(cfg, "trainer.accelerator", "auto", force_add=True)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -126,7 +128,7 @@ def evaluate_prefixes(
     datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(
-        accelerator="auto",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
