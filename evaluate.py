@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
+from fewshot.config import CONF, check_declared_keys
 from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
@@ -23,6 +24,7 @@ def run_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {
         "data.root": cfg.data.root,
         "algo.inner_steps_test": cfg.algo.inner_steps_test,
+        "algo.batch_norm_test": cfg.algo.batch_norm_test,
         "way": cfg.way,
         "shot": cfg.shot,
         "query": cfg.query,
@@ -42,6 +44,7 @@ def main(cfg: DictConfig) -> float | None:
     """Print and write to JSON the test accuracy, its 95% CI and the protocol; return the accuracy.
     With several checkpoints, runs or episode counts, also write one table of them all."""
     with reported_as_one_line():
+        check_declared_keys(cfg, OmegaConf.load(CONF / "evaluate.yaml"), "evaluate.py")
         ckpts, runs = as_list(cfg.ckpt), as_list(cfg.run)
         if not ckpts and not runs:
             raise ConfigError("give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>")
@@ -51,7 +54,7 @@ def main(cfg: DictConfig) -> float | None:
         result = evaluate_checkpoint(
             cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.threads
         )
-    task = task_suffix(cfg, result["protocol"])
+    task = task_suffix(run_overrides(cfg), result["protocol"])
     output = (
         Path(cfg.output) if cfg.output else eval_result_path(cfg.ckpt, cfg.episodes, cfg.seed, task)
     )

@@ -1,9 +1,11 @@
 """Checkpoints: best on val/acc, the latest for resuming, each written whole or not at all;
-reading them back, and refusing one that does not fit the config before Lightning loads it."""
+reading them back as data only, and refusing one that does not fit the config before Lightning
+loads it."""
 
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from torch import nn
 
+from fewshot.config import upgraded
 from fewshot.data.files import atomic_path
 from fewshot.errors import ConfigError, DataError
 from fewshot.module import current_state_dict
@@ -25,14 +28,33 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = ("algo.name", "way", "data.channels", "data.image_size", "backbone")
 # Settings a resumed run may change without notice (how it runs, not what it learns).
 OPERATIONAL_KEYS = ("ckpt_path", "trainer", "data.root", "data.cache_dir", "data.download")
+# What every run config train.py stored holds, since the first checkpoints: evaluation and
+# resuming read them without a default.
+STORED_KEYS = (
+    "way",
+    "shot",
+    "query",
+    "val_episodes",
+    "algo.name",
+    "data.name",
+    "backbone._target_",
+    "trainer.max_steps",
+    "trainer.val_check_interval",
+)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes to a temporary file and renames it, so a crash never leaves a half-written one."""
+    """Writes to a temporary file and renames it, so a crash never leaves a half-written one;
+    reads through `load_checkpoint`, so Lightning's resume (`trainer.fit(ckpt_path=...)`) reads
+    the file as data only, whatever `weights_only` Lightning or the environment asks for."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        # Lightning moves the state to the device itself once it has read the checkpoint.
+        return load_checkpoint(path, key="ckpt_path")[1]
 
 
 class LatestCheckpoint(Checkpoint):
@@ -88,29 +110,66 @@ def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
     if trainer.global_step > 0 or latest is None or not latest.path.is_file():
         best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
         return best, trainer.global_step
-    checkpoint = torch.load(latest.path, map_location="cpu", weights_only=False)
+    _, checkpoint = load_checkpoint(latest.path)
     return best_val_acc(checkpoint), checkpoint["global_step"]
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, dict[str, Any]]:
     """The run config stored in a fewshot checkpoint, and the checkpoint itself; `key` is the
-    config key that named the file, for the error messages."""
+    config key that named the file, for the error messages.
+
+    The file is read as data (torch's weights-only unpickler): checkpoints are shared, and
+    unpickling anything else would run whatever code the file names. Every checkpoint fewshot
+    writes (both algorithms, bf16-mixed, DDP, `trainer.max_time`'s Timer, a resumed run, those
+    written before this reader) holds only tensors, OrderedDicts and Python's plain values, which
+    that unpickler admits by default, so no global is added to its allow-list.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}={path} is not a file")
     try:
-        # Our own Lightning checkpoint: it holds optimiser and loop state besides tensors.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        code = _unsafe_globals(path)
+        if code:
+            raise DataError(
+                f"{key}={path} is refused: loading it would call {', '.join(code)}, which is "
+                "code, not data (fewshot reads checkpoints as tensors and plain values only)"
+            ) from err
+        raise DataError(
+            f"{key}={path} cannot be read as data: it is damaged, not a checkpoint, "
+            "or holds more than tensors and plain values"
+        ) from err
     except Exception as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(
             f"{key}={path} cannot be read ({reason}): it is damaged or not a checkpoint"
         ) from err
-    if not isinstance(checkpoint, dict) or "fewshot_config" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("fewshot_config"), dict):
         raise ConfigError(
             f"{key}={path} was not written by fewshot's train.py (no run config in it)"
         )
-    return OmegaConf.create(checkpoint["fewshot_config"]), checkpoint
+    stored = OmegaConf.create(checkpoint["fewshot_config"])
+    missing = [k for k in STORED_KEYS if OmegaConf.select(stored, k, default=None) is None]
+    missing += ["state_dict"] * (not isinstance(checkpoint.get("state_dict"), dict))
+    if missing:
+        raise ConfigError(
+            f"{key}={path} was not written by fewshot's train.py (it lacks {', '.join(missing)})"
+        )
+    try:
+        upgraded(stored)
+    except ConfigError as err:
+        raise ConfigError(f"{key}={path} holds a run fewshot cannot rebuild: {err}") from err
+    return stored, checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The functions and classes a torch.save file names beyond what a weights-only load
+    admits, found by reading the pickle's opcodes, not by running them; [] if it cannot tell."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError):  # not a torch.save zip (a bare pickle): no names to give
+        return []
 
 
 _COPY = object()  # an entry that copies another key (`num_classes: ${way}`)
@@ -174,6 +233,12 @@ def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
     Returns the checkpoint's step."""
     path = Path(cfg.ckpt_path)
     stored, checkpoint = load_checkpoint(path, key="ckpt_path")
+    missing = [k for k in ("global_step", "optimizer_states", "loops") if k not in checkpoint]
+    if missing:
+        raise ConfigError(
+            f"ckpt_path={path} holds weights but no training state ({', '.join(missing)}): "
+            "it cannot resume a run"
+        )
     recorded = Run.of_checkpoint(path).overrides()
     if recorded is None:
         hint = "resume with the settings the checkpoint was trained with"

@@ -36,8 +36,9 @@ class TrainingDiverged(ArithmeticError):
 USER_ERRORS = (ConfigError, DataError, TrainingDiverged)
 
 
-def _user_error(err: BaseException) -> BaseException | None:
-    """`err` or the error it wraps (hydra.utils.instantiate wraps a backbone's ConfigError)."""
+def user_error(err: BaseException) -> BaseException | None:
+    """`err` or the error it wraps if it is the user's to fix (hydra.utils.instantiate wraps a
+    backbone's ConfigError), else None: a bug or a crash."""
     while err is not None:
         if isinstance(err, USER_ERRORS):
             return err
@@ -64,11 +65,11 @@ def reported_as_one_line() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
+        yours = user_error(err)
+        if yours is None:
             raise
-        log.error("%s", user_error)
-        print(f"error: {user_error}", file=sys.stderr)
+        log.error("%s", yours)
+        print(f"error: {yours}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -109,8 +110,8 @@ def run_entry_point(main: Callable[[], Any]) -> None:
     try:
         main()
     except HydraException as err:
-        user_error = _user_error(err)
-        line = str(user_error) if user_error is not None else hydra_error_line(err)
+        yours = user_error(err)
+        line = str(yours) if yours is not None else hydra_error_line(err)
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 

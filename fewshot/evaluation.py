@@ -99,12 +99,14 @@ def evaluate_prefixes(
     result of evaluating n episodes alone.
 
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
-    `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new values; None keeps
-    the run's own.
+    `algo.batch_norm_test`, `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new
+    values; None keeps the run's own.
     """
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = upgraded(stored)
     cfg.seed = seed
+    # Evaluation runs where Lightning finds an accelerator, whatever the run trained on.
+    OmegaConf.update(cfg, "trainer.accelerator", "auto", force_add=True)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -129,7 +131,7 @@ def evaluate_prefixes(
     datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(
-        accelerator="auto",
+        accelerator=cfg.trainer.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,

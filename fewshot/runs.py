@@ -92,17 +92,22 @@ def sweep_jobs(sweep_dir: str | Path) -> list[Run]:
 
 
 def eval_result_path(ckpt: str | Path, episodes: int, seed: int, task: str = "") -> Path:
-    """Where evaluate.py writes a checkpoint's result: `<run>/eval/<ckpt><task>_<n>ep_seed<seed>.json`."""
+    """Where evaluate.py writes a checkpoint's result: `<run>/eval/<ckpt><task>_<n>ep_seed<seed>.json`
+    (`task`: task_suffix's)."""
     name = f"{Path(ckpt).stem}{task}_{episodes}ep_seed{seed}.json"
     return Run.of_checkpoint(ckpt).dir / EVAL / name
 
 
 def task_suffix(overrides: Mapping[str, Any], protocol: Mapping[str, Any]) -> str:
-    """`_<way>w<shot>s<query>q` when way, shot or query differ from the run's own, else "":
-    a result on another task gets its own file instead of replacing the run's result."""
-    if all(overrides.get(key) is None for key in ("way", "shot", "query")):
-        return ""
-    return f"_{protocol['way']}w{protocol['shot']}s{protocol['query']}q"
+    """`_<way>w<shot>s<query>q` when way, shot or query are overridden, `_bn-<mode>` when the
+    test-time batch norm is, else "": a result on another task or under another batch-norm mode
+    gets its own file instead of replacing the run's result."""
+    suffix = ""
+    if any(overrides.get(key) is not None for key in ("way", "shot", "query")):
+        suffix += f"_{protocol['way']}w{protocol['shot']}s{protocol['query']}q"
+    if overrides.get("algo.batch_norm_test") is not None:
+        suffix += f"_bn-{protocol['batch_norm']}"
+    return suffix
 
 
 def best_val_acc(checkpoint: dict[str, Any]) -> float | None:

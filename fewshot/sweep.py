@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.errors import ConfigError, DataError
+from fewshot.errors import user_error
 from fewshot.reporting import (
     Row,
     common_overrides_line,
@@ -43,9 +43,12 @@ def config_digest(cfg: DictConfig) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The error as one line: the message alone for the user's errors, with its type otherwise."""
-    text = " ".join(str(err).split())
-    return text if isinstance(err, ConfigError | DataError) else f"{type(err).__name__}: {text}"
+    """The error as one line: the message alone for the user's errors (a bad config, missing
+    data, a diverged run), with its type otherwise."""
+    yours = user_error(err)
+    if yours is not None:
+        return " ".join(str(yours).split())
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 class Job:
@@ -68,7 +71,7 @@ class Job:
     def failed(self, err: BaseException) -> None:
         self.value = None
         result = {"status": "failed", "error": one_line(err), "config": self.digest}
-        if not isinstance(err, ConfigError | DataError):  # a bug or a crash: keep where it was
+        if user_error(err) is None:  # a bug or a crash: keep where it was
             result["traceback"] = "".join(traceback.format_exception(err))
         self.run.write_result(result)
 
@@ -101,7 +104,7 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
         job.failed(err)
         if not multirun:
             raise
-        if isinstance(err, ConfigError | DataError):
+        if user_error(err) is not None:
             log.error("job failed: %s", one_line(err))
         else:
             log.exception("job failed: %s", one_line(err))  # the traceback goes to the job's log

@@ -25,6 +25,8 @@ torch.set_num_threads(1)  # 2 threads on 2 vCPUs is erratic (see README); 1 is s
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
+# Checkpoints written by the code before the core redesign (tests/fixtures/make_reference.py).
+OLD_CHECKPOINTS = REPO / "tests" / "fixtures" / "checkpoints"
 OMNIGLOT = Path(os.environ.get("FEWSHOT_OMNIGLOT", REPO.parent / "shared" / "data" / "omniglot"))
 
 
@@ -64,6 +66,26 @@ def labelled_classes(num_classes: int = 12, per_class: int = 20) -> ClassImages:
     images[:, :, 0, 0, 0] = torch.arange(num_classes)[:, None]
     images[:, :, 0, 0, 1] = torch.arange(per_class)[None, :]
     return ClassImages(images, [f"class{c}" for c in range(num_classes)])
+
+
+class _Shell:
+    """Unpickling it runs `command`: what a checkpoint holds that runs code when opened."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def checkpoint_that_runs_code(path: Path, marker: Path) -> Path:
+    """A real fewshot checkpoint (an old one, tests/fixtures) with one entry more, whose
+    unpickling creates `marker`: a load that runs code leaves the file behind."""
+    checkpoint = torch.load(OLD_CHECKPOINTS / "maml.ckpt", map_location="cpu", weights_only=True)
+    checkpoint["shared_by"] = _Shell(f"touch {marker}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
 
 
 def run_script(script: str, *overrides: str, expect_ok: bool = True):

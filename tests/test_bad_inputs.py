@@ -6,18 +6,29 @@ import pytest
 import torch
 from hydra.errors import HydraException
 
+from fewshot import errors
 from fewshot.build import build_datamodule, build_module
 from fewshot.checkpointing import check_resumable, load_checkpoint
 from fewshot.config import check_config
-from fewshot.errors import ConfigError, DataError, hydra_error_line
-from tests.conftest import compose_train, run_script
+from fewshot.errors import hydra_error_line
+from tests.conftest import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train, run_script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def changed_copy(good: Path, path: Path, change) -> Path:
+    """A copy of checkpoint `good` that `change(checkpoint)` has edited."""
+    checkpoint = torch.load(good, map_location="cpu", weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
-    """A real 5-way conv4 checkpoint, a truncated copy, and a Lightning-less torch file."""
+    """A real 5-way conv4 checkpoint; a truncated copy, a Lightning-less torch file, and copies
+    whose run config is incomplete or names an algorithm fewshot lacks, or that hold no
+    weights or no training state; an old Meta-LSTM checkpoint."""
     run_dir = tmp_path_factory.mktemp("run")
     run_script("train.py", *quick_overrides, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
     good = run_dir / "checkpoints" / "last.ckpt"
@@ -25,13 +36,30 @@ def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
     truncated.write_bytes(good.read_bytes()[:5000])
     foreign = run_dir / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    return {"ckpt": good, "truncated": truncated, "foreign": foreign, "absent": run_dir / "no.ckpt"}
+    edits = {
+        "incomplete": lambda c: [c["fewshot_config"].pop(k) for k in ("algo", "way")],
+        "unknown_algo": lambda c: c["fewshot_config"]["algo"].update(name="protonet"),
+        "no_weights": lambda c: c.pop("state_dict"),
+        "weights_only": lambda c: [c.pop(k) for k in ("optimizer_states", "loops")],
+    }
+    return {
+        "ckpt": good,
+        "truncated": truncated,
+        "foreign": foreign,
+        "absent": run_dir / "no.ckpt",
+        **{name: changed_copy(good, run_dir / f"{name}.ckpt", e) for name, e in edits.items()},
+        "metalstm": OLD_CHECKPOINTS / "metalstm.ckpt",
+    }
 
 
 def user_error(check, *args) -> str:
-    with pytest.raises((ConfigError, DataError)) as caught:
+    """The line the entry points print for what `check` raises: a user error, unwrapped as they
+    unwrap it (hydra.utils.instantiate wraps a dataset loader's DataError)."""
+    with pytest.raises(Exception) as caught:
         check(*args)
-    return str(caught.value)
+    error = errors.user_error(caught.value)
+    assert error is not None, repr(caught.value)
+    return str(error)
 
 
 def composition_error(overrides: list[str]) -> str:
@@ -54,8 +82,8 @@ CHECKS = {
     "load_checkpoint": lambda o: user_error(load_checkpoint, *o),
 }
 
-# (where, overrides, what the one line must say); {ckpt}, {truncated}, {foreign}, {absent},
-# {tmp} are filled in per run.
+# (where, overrides, what the one line must say); {tmp} and the `checkpoints` ({ckpt},
+# {truncated}, ...) are filled in per run.
 BAD_INPUTS = [
     ("train.py", ["algo=nope"], ["algo=nope is not an option", "choose one of: anil, maml"]),
     (
@@ -143,8 +171,46 @@ BAD_INPUTS = [
     ),
     ("evaluate.py", ["ckpt={ckpt}", "backbone.channels=32"], ["backbone is not a config key"]),
     ("evaluate.py", [], ["give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>"]),
+    # `+` adds a key to evaluate.py's config; one it does not read would change nothing.
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "+anything=1"],
+        ["anything is not a config key of evaluate.py, so it would change nothing", "episodes"],
+    ),
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "+algo.inner_steps=5"],
+        ["algo.inner_steps is not a config key of evaluate.py", "algo has: inner_steps_test"],
+    ),
+    ("evaluate.py", ["ckpt={ckpt}", "++data.split=vinyals"], ["data.split is not a config key"]),
+    (
+        "evaluate.py",
+        ["ckpt={metalstm}", "algo.inner_steps_test=5"],
+        ["algo.inner_steps_test is not a setting of this checkpoint's run", "'metalstm'"],
+    ),
+    (
+        "evaluate.py",
+        ["ckpt={ckpt}", "algo.batch_norm_test=running"],
+        ["algo.batch_norm_test='running' is out of range: expected transductive or support"],
+    ),
     ("load_checkpoint", ["{truncated}"], ["ckpt={truncated} cannot be read", "damaged"]),
     ("load_checkpoint", ["{foreign}"], ["ckpt={foreign} was not written by fewshot's train.py"]),
+    (
+        "evaluate.py",
+        ["ckpt={incomplete}"],
+        ["ckpt={incomplete} was not written by fewshot's train.py (it lacks way, algo.name)"],
+    ),
+    (
+        "load_checkpoint",
+        ["{unknown_algo}"],
+        ["ckpt={unknown_algo} holds a run fewshot cannot rebuild", "algo.name='protonet'"],
+    ),
+    ("load_checkpoint", ["{no_weights}"], ["ckpt={no_weights}", "it lacks state_dict"]),
+    (
+        "resume",
+        ["ckpt_path={weights_only}"],
+        ["ckpt_path={weights_only} holds weights but no training state", "cannot resume"],
+    ),
 ]
 
 
@@ -171,3 +237,20 @@ def test_a_bad_input_is_one_clear_line(
     assert "\n" not in line
     for fragment in message:
         assert fragment in line
+
+
+@pytest.mark.parametrize("script, key", [("evaluate.py", "ckpt"), ("train.py", "ckpt_path")])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(script, key, tmp_path):
+    """Opening a shared checkpoint runs nothing: evaluate.py and a resume read it as data."""
+    marker = tmp_path / "ran"
+    payload = checkpoint_that_runs_code(tmp_path / "checkpoints" / "last.ckpt", marker)
+    proc = run_script(
+        script, f"{key}={payload}", "threads=1", f"hydra.run.dir={tmp_path}", expect_ok=False
+    )
+    assert not marker.exists()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        f"error: {key}={payload} is refused: loading it would call posix.system, which is code, "
+        "not data (fewshot reads checkpoints as tensors and plain values only)"
+    ]

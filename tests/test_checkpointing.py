@@ -1,4 +1,4 @@
-"""Checkpoints are written whole and hold everything a resume needs."""
+"""Checkpoints are written whole, hold everything a resume needs, and are read as data only."""
 
 from pathlib import Path
 
@@ -7,11 +7,12 @@ import torch
 from lightning_fabric.plugins.io import torch_io
 
 from fewshot.build import build_module, build_trainer
-from fewshot.checkpointing import AtomicCheckpointIO
+from fewshot.checkpointing import AtomicCheckpointIO, load_checkpoint
 from fewshot.data.episodes import MetaBatchStream
 from fewshot.data.omniglot import omniglot_splits
+from fewshot.errors import DataError
 from fewshot.learners import run_tasks
-from tests.conftest import compose_train
+from tests.conftest import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -35,6 +36,34 @@ def test_a_checkpoint_write_that_crashes_leaves_the_previous_checkpoint(tmp_path
         io.save_checkpoint({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_the_payload_of_the_tests_runs_when_unpickled_as_code(tmp_path):
+    """The control for the tests below: loaded as torch.load(weights_only=False) used to, the
+    payload checkpoint creates its file."""
+    marker = tmp_path / "ran"
+    torch.load(checkpoint_that_runs_code(tmp_path / "x.ckpt", marker), weights_only=False)
+    assert marker.is_file()
+
+
+def test_lightnings_resume_reads_a_checkpoint_as_data_only(tmp_path, monkeypatch):
+    # What trainer.fit(ckpt_path=...) calls to read the file; the variable would make a plain
+    # torch.load that leaves weights_only to its default unpickle code.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    strategy = build_trainer(compose_train("trainer.enable_progress_bar=false"), tmp_path).strategy
+    marker = tmp_path / "ran"
+    payload = checkpoint_that_runs_code(tmp_path / "last.ckpt", marker)
+    with pytest.raises(DataError, match=f"ckpt_path={payload} is refused: .*posix.system"):
+        strategy.load_checkpoint(payload)
+    assert not marker.exists()
+    old = strategy.load_checkpoint(OLD_CHECKPOINTS / "maml.ckpt")
+    assert old["fewshot_config"]["algo"]["name"] == "maml" and "optimizer_states" in old
+
+
+@pytest.mark.parametrize("path", sorted(OLD_CHECKPOINTS.glob("*.ckpt")), ids=lambda p: p.stem)
+def test_checkpoints_written_before_reading_as_data_still_load(path):
+    stored, checkpoint = load_checkpoint(path)
+    assert stored.way == 5 and checkpoint["state_dict"]
 
 
 @pytest.mark.parametrize("algo", ["maml", "metalstm"])

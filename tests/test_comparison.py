@@ -5,8 +5,8 @@ import csv
 import json
 
 import pytest
-import torch
 
+from fewshot.checkpointing import load_checkpoint
 from tests.conftest import run_script
 
 
@@ -27,11 +27,7 @@ def test_a_sweep_is_evaluated_into_one_table_best_validation_first(sweep_table):
     for row in evaluated:
         summary = json.loads((sweep_dir / row["run"] / "result.json").read_text())
         assert float(row["val/acc_best"]) == pytest.approx(summary["val/acc"])
-        best = torch.load(
-            sweep_dir / row["run"] / "checkpoints" / "best.ckpt",
-            map_location="cpu",
-            weights_only=False,
-        )
+        best = load_checkpoint(sweep_dir / row["run"] / "checkpoints" / "best.ckpt")[1]
         assert row["steps"] == str(best["global_step"])  # the best validation's step, 2 or 4
         assert row["batch norm (train/test)"] == "transductive/transductive"
         assert (

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from fewshot import config
 from fewshot.build import build_module
 from fewshot.config import check_config
 from fewshot.errors import ConfigError
@@ -76,3 +77,27 @@ def test_evaluate_config_composes():
 def test_out_of_range_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         check_config(compose_train(*override.split()))
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns_once_with_the_measured_cost(monkeypatch, caplog):
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    bf16_on = {
+        a: compose_train("trainer.precision=bf16-mixed", f"trainer.accelerator={a}")
+        for a in ("cpu", "gpu")
+    }
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"}))
+    check_config(bf16_on["cpu"])  # native bfloat16
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2"}))
+    check_config(bf16_on["gpu"])  # not run on the CPU
+    check_config(compose_train("trainer.accelerator=cpu"))  # float32
+    monkeypatch.setattr(config, "cpu_flags", lambda: None)  # flags unknown (not Linux)
+    check_config(bf16_on["cpu"])
+    assert warnings() == []
+    monkeypatch.setattr(config, "cpu_flags", lambda: frozenset({"avx2"}))
+    check_config(bf16_on["cpu"])
+    check_config(bf16_on["cpu"])
+    (warning,) = warnings()
+    assert warning.startswith("trainer.precision=bf16-mixed on a CPU without native bfloat16")
+    assert "5.2x (AVX2)" in warning

@@ -13,6 +13,7 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from fewshot.build import build_datamodule, build_module
+from fewshot.checkpointing import load_checkpoint
 from fewshot.data.episodes import Episodes, MetaBatchStream
 from fewshot.learners import plain_backward, run_tasks
 from tests.conftest import run_script
@@ -50,7 +51,7 @@ def test_ddp_training_creates_one_run_folder_with_checkpoints_and_tensorboard(dd
 
 def test_ddp_meta_gradient_is_the_mean_over_all_tasks_of_all_ranks(ddp_outputs):
     (run_dir,) = ddp_outputs.iterdir()
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 1
     # After one Adam step, exp_avg = (1 - beta1) * the meta-gradient the optimiser was given.
     (state,) = last["optimizer_states"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewshot.checkpointing import LatestCheckpoint
+from fewshot.checkpointing import LatestCheckpoint, load_checkpoint
 from fewshot.divergence import StopOnNonFinite, divergence_hint
 from fewshot.errors import TrainingDiverged
 from tests.conftest import run_script
@@ -30,7 +30,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(quick_override
         f"{last} (step 1); lower algo.base_lr=0.4 or algo.meta_lr=1e+30, "
         "or set algo.first_order=true"
     ]
-    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(last)[1]
     assert checkpoint["global_step"] == 1
     tensors = [*checkpoint["state_dict"].values()]
     tensors += [t for s in checkpoint["optimizer_states"][0]["state"].values() for t in s.values()]

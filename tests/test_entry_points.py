@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from fewshot.checkpointing import load_checkpoint
 from tests.conftest import make_miniimagenet, run_script
 
 
@@ -18,9 +18,7 @@ def trained_run(quick_overrides, tmp_path_factory) -> Path:
 
 def test_training_writes_best_and_last_checkpoints_and_tensorboard_events(trained_run):
     assert (trained_run / "checkpoints" / "best.ckpt").is_file()
-    last = torch.load(
-        trained_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(trained_run / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 4
     # last.ckpt is written after the best-model callback: a resumed run remembers its best
     (best_state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
@@ -39,6 +37,22 @@ def test_evaluate_reports_accuracy_ci_and_protocol_as_json(trained_run, tmp_path
     assert result["protocol"]["batch_norm"] == "transductive"
     assert result["protocol"]["inner_steps_test"] == 3
     assert "95% CI" in proc.stdout
+
+
+def test_a_checkpoint_is_scored_under_the_other_batch_norm_mode_into_its_own_file(
+    trained_run, tmp_path
+):
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    for mode in ([], ["algo.batch_norm_test=support"]):
+        proc = run_script(
+            "evaluate.py", f"ckpt={ckpt}", "episodes=6", *mode, f"hydra.run.dir={tmp_path}"
+        )
+    assert "support batch norm" in proc.stdout
+    own = json.loads((trained_run / "eval" / "best_6ep_seed0.json").read_text())
+    support = json.loads((trained_run / "eval" / "best_bn-support_6ep_seed0.json").read_text())
+    assert own["protocol"]["batch_norm"] == "transductive"  # the run's own, kept
+    assert support["protocol"]["batch_norm"] == "support"
+    assert support["protocol"]["batch_norm_train"] == "transductive"
 
 
 def last_checkpoint_accuracy(run: Path, out: Path, *overrides: str) -> float:
@@ -84,9 +98,7 @@ def test_training_resumes_from_a_checkpoint_with_its_step_count(
         "trainer.max_steps=6",
         f"hydra.run.dir={tmp_path}",
     )
-    last = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 6
 
 
@@ -182,7 +194,5 @@ def test_any_algorithm_trains_on_any_dataset(
     else:
         data = miniimagenet
     run_script("train.py", *overrides, *data, *TINY, f"hydra.run.dir={tmp_path}")
-    last = torch.load(
-        tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
-    )
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")[1]
     assert last["global_step"] == 2

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from fewshot.checkpointing import load_checkpoint
 from tests.conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def checkpoint_step(path: Path) -> int | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return load_checkpoint(path)[1]["global_step"]
 
 
 def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:

@@ -1,9 +1,9 @@
 """The on-disk contract of a run: recorded overrides, result.json, checkpoint and result paths,
 the job folders of a sweep, the best score a checkpoint holds, and where a resumed run goes."""
 
-import torch
 import yaml
 
+from fewshot.checkpointing import load_checkpoint
 from fewshot.runs import (
     Run,
     best_val_acc,
@@ -64,9 +64,13 @@ def test_checkpoints_and_evaluation_results_have_their_places_in_the_run(tmp_pat
     assert run.best_ckpt == tmp_path / "run" / "checkpoints" / "best.ckpt"
     assert run.last_ckpt == tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert Run.of_checkpoint(run.best_ckpt) == run
-    protocol = {"way": 20, "shot": 1, "query": 15}
-    assert task_suffix({"way": None}, protocol) == ""
+    protocol = {"way": 20, "shot": 1, "query": 15, "batch_norm": "support"}
+    assert task_suffix({"way": None, "algo.batch_norm_test": None}, protocol) == ""
     assert task_suffix({"way": 20}, protocol) == "_20w1s15q"
+    assert task_suffix({"algo.batch_norm_test": "support"}, protocol) == "_bn-support"
+    assert task_suffix({"way": 20, "algo.batch_norm_test": "support"}, protocol) == (
+        "_20w1s15q_bn-support"
+    )
     assert eval_result_path(run.best_ckpt, 600, 3) == run.dir / "eval" / "best_600ep_seed3.json"
     path = eval_result_path(run.last_ckpt, 100, 0, "_20w1s15q")
     assert path == run.dir / "eval" / "last_20w1s15q_100ep_seed0.json"
@@ -79,7 +83,7 @@ def test_the_best_score_of_a_trained_run_is_read_back_from_its_checkpoints(sweep
     for job in trained:
         recorded = job.read_result()["val/acc"]
         for path in (job.best_ckpt, job.last_ckpt):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint(path)[1]
             assert best_val_acc(checkpoint) == recorded
     assert best_val_acc({"callbacks": {}}) is None  # written before the first validation
 

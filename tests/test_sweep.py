@@ -9,7 +9,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fewshot.errors import ConfigError
+from fewshot.errors import ConfigError, TrainingDiverged
 from fewshot.runs import RESULT, Run
 from fewshot.sweep import config_digest, recorded_job, sweep_summary, write_sweep_summary
 from tests.conftest import run_script, run_sweep_with_failures
@@ -33,6 +33,32 @@ def test_a_failure_in_a_single_run_is_recorded_and_raised(tmp_path):
     with pytest.raises(ConfigError), recorded_job(tmp_path, config(), multirun=False):
         raise ConfigError("way=1 is out of range")
     assert Run(tmp_path).read_result()["error"] == "way=1 is out of range"
+
+
+def test_a_diverged_job_is_recorded_as_the_users_error_in_one_line(tmp_path, caplog):
+    with recorded_job(tmp_path, config(), multirun=True):
+        raise TrainingDiverged("training diverged at step 2: the meta-loss is nan")
+    result = Run(tmp_path).read_result()
+    assert result["error"] == "training diverged at step 2: the meta-loss is nan"
+    assert "traceback" not in result  # a setting to change, not a crash
+    assert [r.exc_info for r in caplog.records] == [None]
+
+
+def test_a_diverging_job_of_a_sweep_is_summarised_by_its_reason(quick_overrides, tmp_path):
+    proc = run_script(
+        "train.py",
+        "-m",
+        *quick_overrides,
+        "algo.meta_lr=1e30",
+        f"hydra.sweep.dir={tmp_path}",
+        expect_ok=False,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (row,) = sweep_summary(tmp_path)[2]
+    assert row.status == "failed"
+    assert row.error.startswith("training diverged at step 2: the meta-loss is nan;")
+    assert "Traceback" not in (tmp_path / "0" / "train.log").read_text()
+    assert f"| failed | {row.error} |" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_completed_job_records_its_value_and_the_config_it_ran(tmp_path):
