@@ -156,6 +156,11 @@ def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[Row]]:
     return md_path, rows
 
 
+def _natural(text: str) -> tuple:
+    """Sort key: seeds as numbers where they are numbers (2 before 10)."""
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
 def write_seed_summary(sweep_dir: Path, varying: list[str], rows: list[Row]) -> str:
     """With `seed` among the overrides that vary, write `summary_seeds.{md,csv}`: per setting
     (the jobs that differ only by seed) the mean ± std of the best val/acc over its completed
@@ -174,7 +179,9 @@ def write_seed_summary(sweep_dir: Path, varying: list[str], rows: list[Row]) -> 
                 "val/acc mean": mean,
                 "val/acc std": std,
                 "n": n,
-                "seeds": " ".join(r.overrides.get(SEED, "") for r in completed),
+                "seeds": " ".join(
+                    sorted((r.overrides.get(SEED, "") for r in completed), key=_natural)
+                ),
                 "failed": len(group.rows) - len(completed),
             }
         )

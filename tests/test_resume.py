@@ -6,28 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from tests.conftest import run_script
+from tests.conftest import checkpoint_step, logged_past_checkpoint, run_script, scalars
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar TensorBoard shows for the run: tag -> [(step, value)] over all event files."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
-
-
-def checkpoint_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
 def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
@@ -38,9 +20,7 @@ def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
-            step = checkpoint_step(last)
-            logged = scalars(run_dir).get("train/loss", []) if step is not None else []
-            if logged and max(s for s, _ in logged) >= step:
+            if logged_past_checkpoint(run_dir) is not None:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)

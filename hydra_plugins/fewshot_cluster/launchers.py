@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
-from hydra.plugins.launcher import Launcher
 
 from fewshot.cluster import parallel_jobs
 from fewshot.errors import ConfigError
@@ -25,14 +25,12 @@ try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
         SlurmLauncher as _SubmititSlurm,
     )
-except ImportError:  # the `cluster` extra is not installed: the launcher says so when chosen
+except ImportError:  # without the `cluster` extra the launcher configs name the install command
     _SubmititSlurm = None
 try:
     from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher as _Joblib
 except ImportError:
     _Joblib = None
-
-INSTALL = 'pip install -e ".[cluster]"'
 
 # Launcher keys -> the sbatch option SLURM checks them by (submitit passes them on so).
 SBATCH_OPTIONS = {
@@ -137,8 +135,6 @@ if _SubmititSlurm is not None:
             )
             sweep_dir = Path(str(self.config.hydra.sweep.dir))
             sweep_dir.mkdir(parents=True, exist_ok=True)
-            from hydra.core.singleton import Singleton
-
             numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
             jobs = executor.map_array(
                 self,
@@ -149,8 +145,8 @@ if _SubmititSlurm is not None:
                 [Singleton.get_state()] * len(job_overrides),
             )
             log.info("submitted %d jobs: %s", len(jobs), " ".join(j.job_id for j in jobs))
-            # Wait for every job before looking at any: one SLURM killed raises from results(),
-            # and the others must still be waited for and keep their results.
+            # Each job in turn: one that SLURM killed raises from results(), and must not stop
+            # the waiting for the others (whose results the summary then lists).
             return [
                 self._outcome(job, overrides, n)
                 for job, overrides, n in zip(jobs, job_overrides, numbers)
@@ -178,14 +174,6 @@ if _SubmititSlurm is not None:
                 ret.return_value = None
                 return ret
 
-else:
-
-    class SlurmLauncher(Launcher):  # type: ignore[no-redef]
-        """Chosen without hydra-submitit-launcher installed: says how to install it."""
-
-        def __init__(self, **params: Any) -> None:
-            raise ConfigError(f"hydra/launcher=slurm needs hydra-submitit-launcher: {INSTALL}")
-
 
 if _Joblib is not None:
 
@@ -196,11 +184,3 @@ if _Joblib is not None:
         def __init__(self, **params: Any) -> None:
             params["n_jobs"] = parallel_jobs(params.get("n_jobs", -1))
             super().__init__(**params)
-
-else:
-
-    class ParallelLauncher(Launcher):  # type: ignore[no-redef]
-        """Chosen without hydra-joblib-launcher installed: says how to install it."""
-
-        def __init__(self, **params: Any) -> None:
-            raise ConfigError(f"hydra/launcher=parallel needs hydra-joblib-launcher: {INSTALL}")

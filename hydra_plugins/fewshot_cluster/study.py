@@ -8,16 +8,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.plugins.sweeper import Sweeper
-
-from fewshot.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 try:
     from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
     from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-except ImportError:  # the `sweep` extra is not installed: the sweeper says so when chosen
+except ImportError:  # without the `sweep` extra, sweep=optuna_lr names the install command
     OptunaSweeper = None
 
 
@@ -73,13 +69,3 @@ if OptunaSweeper is not None:
 
         def __init__(self, **settings: Any) -> None:
             self.sweeper = _ContinuedStudy(**settings)
-
-else:
-
-    class ContinuedStudySweeper(Sweeper):  # type: ignore[no-redef]
-        """Chosen without hydra-optuna-sweeper installed: says how to install it."""
-
-        def __init__(self, **settings: Any) -> None:
-            raise ConfigError(
-                'sweep=optuna_lr needs hydra-optuna-sweeper: pip install -e ".[sweep]"'
-            )
