@@ -87,3 +87,18 @@ def test_the_command_reads_json_files_and_refuses_other_files_in_one_line(tmp_pa
     proc = subprocess.run(command[:3] + [str(bad)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {bad}")
     assert "Traceback" not in proc.stderr
+
+
+def test_results_of_several_training_seeds_get_a_row_of_their_mean_and_std():
+    seeds = [
+        {**evaluation("maml", "omniglot", 5, 1, acc, 0.004), "train_seed": seed}
+        for seed, acc in ((0, 0.95), (1, 0.97))
+    ]
+    rows = table_rows(results_tables(seeds), "MAML")
+    ours = [r for r in rows if r[0] == "Omniglot 5-way 1-shot"]
+    assert [r[2] for r in ours] == [
+        "95.00 ± 0.40",
+        "97.00 ± 0.40",
+        "96.00 ± 1.41 over 2 seeds (0, 1)",
+    ]
+    assert ours[2][3:] == ours[0][3:]  # the same protocol columns
