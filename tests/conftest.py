@@ -194,6 +194,18 @@ def run_script(script: str, *overrides: str, expect_ok: bool = True):
     return proc
 
 
+def start_script(script: str, *overrides: str, log: Path) -> subprocess.Popen:
+    """Start train.py or evaluate.py as a user does, its stdout and stderr into `log`."""
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        return subprocess.Popen(
+            [sys.executable, script, *overrides],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @pytest.fixture(scope="session")
 def quick_overrides(omniglot_root, omniglot_cache) -> list[str]:
     """train.py overrides for a few cheap meta-steps on the real data, logging every step."""

@@ -23,6 +23,7 @@ from tests.conftest import (
     run_script,
     scalars,
     slurm,
+    start_script,
     wait_for,
 )
 
@@ -128,21 +129,15 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
     run_script(
         "train.py", *quick_overrides, f"trainer.max_steps={STEPS}", f"hydra.run.dir={reference}"
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            *SLURM_LAUNCHER,
-            *quick_overrides,
-            f"trainer.max_steps={STEPS}",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    log = tmp_path / "sweep.log"
+    proc = start_script(
+        "train.py",
+        "-m",
+        *SLURM_LAUNCHER,
+        *quick_overrides,
+        f"trainer.max_steps={STEPS}",
+        f"hydra.sweep.dir={sweep}",
+        log=log,
     )
     try:
         job = sweep / "0"
@@ -154,10 +149,10 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
         # preemption: it requeues the job, whose next start resumes from last.ckpt.
         slurm("scancel", "--signal=USR2", job_id)
         release_requeued(job_id)
-        _, stderr = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 0, log.read_text()[-3000:]
     log = (job / "train.log").read_text()
     assert "Requeued job" in log and "resuming from" in log
     assert scalars(job) == scalars(reference)  # every value, before and after, as uninterrupted

@@ -64,22 +64,13 @@ def test_markdown_cells_stay_on_one_line_and_escape_pipes():
 
 def test_runs_that_differ_only_by_seed_pool_into_mean_and_sample_std():
     rows = [
-        Row(
-            "0",
-            {"algo.meta_lr": "0.1", "seed": "0"},
-            "completed",
-            0.5,
-            results={600: result(600, 0.4, 0.01)},
-        ),
-        Row(
-            "1",
-            {"algo.meta_lr": "0.1", "seed": "1"},
-            "completed",
-            0.7,
-            results={600: result(600, 0.6, 0.01)},
-        ),
-        Row("2", {"algo.meta_lr": "0.2", "seed": "0"}, "failed"),
+        Row(str(seed), {"algo.meta_lr": "0.1", "seed": str(seed)}, "completed", val, results=r)
+        for seed, val, r in (
+            (0, 0.5, {600: result(600, 0.4, 0.01)}),
+            (1, 0.7, {600: result(600, 0.6, 0.01)}),
+        )
     ]
+    rows.append(Row("2", {"algo.meta_lr": "0.2", "seed": "0"}, "failed"))
     first, second = seed_groups(rows)
     assert first.overrides == {"algo.meta_lr": "0.1"} and first.seeds == ["0", "1"]
     mean, std, n = first.val_acc()

@@ -2,11 +2,16 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import checkpoint_step, logged_past_checkpoint, run_script, scalars
+from tests.conftest import (
+    checkpoint_step,
+    logged_past_checkpoint,
+    run_script,
+    scalars,
+    start_script,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -38,17 +43,12 @@ def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(quick_ove
     )
 
     # The same run with no end in sight, killed without warning after its first checkpoint.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            *quick_overrides,
-            "trainer.max_steps=1000",
-            f"hydra.run.dir={killed}",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_script(
+        "train.py",
+        *quick_overrides,
+        "trainer.max_steps=1000",
+        f"hydra.run.dir={killed}",
+        log=tmp_path / "killed.log",
     )
     assert kill_after_a_checkpoint(proc, killed) < STEPS
 
