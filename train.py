@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot.build import build_datamodule, build_module, build_trainer, set_threads
 from fewshot.checkpointing import check_resumable, fit_outcome
+from fewshot.cluster import job_device, requeued_resume
 from fewshot.config import check_config
 from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.runs import config_subdir, run_dir_of
@@ -30,15 +31,19 @@ def main(cfg: DictConfig) -> float | None:
         if job.finished:
             return job.value
         check_config(cfg)
-        set_threads(cfg.threads)
-        pl.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = build_module(cfg)  # a backbone that does not fit the images fails here
-        resume_step = check_resumable(cfg, module) if cfg.ckpt_path is not None else None
-        datamodule = build_datamodule(cfg)
-        datamodule.setup()  # data errors surface now, before any training
-        trainer = build_trainer(cfg, run_dir, resume_step)
-        trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-        job.completed(*fit_outcome(trainer))
+        # After the digest of the job's config is taken: where a job runs is not what it trains.
+        with job_device(cfg, hydra_cfg):
+            restart_step = requeued_resume(cfg, run_dir)
+            set_threads(cfg.threads)
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            module = build_module(cfg)  # a backbone that does not fit the images fails here
+            if cfg.ckpt_path is not None:
+                restart_step = check_resumable(cfg, module)
+            datamodule = build_datamodule(cfg)
+            datamodule.setup()  # data errors surface now, before any training
+            trainer = build_trainer(cfg, run_dir, restart_step)
+            trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+            job.completed(*fit_outcome(trainer))
     return job.value
 
 

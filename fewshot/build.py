@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
+from fewshot.cluster import cluster_trainer_settings
 from fewshot.config import backbone_config, resolved_config
 from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
@@ -103,7 +104,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     `resume_step`: the step of the checkpoint a run resumes from. TensorBoard then drops the
     events the interrupted run logged after it, which the resumed run logs again.
     """
-    options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    options, cluster_plugins = cluster_trainer_settings(
+        OmegaConf.to_container(cfg.trainer, resolve=True)
+    )
     logger = TensorBoardLogger(
         run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
     )
@@ -115,7 +118,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
             StopOnNonFinite(divergence_hint(cfg.algo)),
             TensorBoardViews(),
         ],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins],
         default_root_dir=run_dir,
         # Validation adapts with gradients; under inference mode enable_grad could not undo it.
         inference_mode=False,

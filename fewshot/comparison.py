@@ -12,10 +12,14 @@ from fewshot.data.files import write_json
 from fewshot.errors import ConfigError
 from fewshot.evaluation import evaluate_prefixes
 from fewshot.reporting import (
+    SEED,
     Row,
     common_overrides_line,
+    markdown,
+    mean_std_percent,
     override_columns,
     override_keys,
+    seed_groups,
     write_table,
 )
 from fewshot.runs import Run, eval_result_path, sweep_jobs, task_suffix
@@ -135,6 +139,36 @@ def write_evaluation_table(
         *per_count,
         *tail,
     ]
+    epilogue = seed_table(rows, varying, counts)
     return write_table(
-        path, md_columns, md_rows, [*csv_columns, "checkpoint"], csv_rows, preamble + "\n"
+        path,
+        md_columns,
+        md_rows,
+        [*csv_columns, "checkpoint"],
+        csv_rows,
+        preamble + "\n",
+        epilogue,
+    )
+
+
+def seed_table(rows: Sequence[Row], varying: Sequence[str], counts: Sequence[int]) -> str:
+    """A Markdown section pooling the runs that differ only by `seed`: per setting the mean ±
+    std (n - 1) over seeds of val/acc and of test accuracy at each episode count; "" when the
+    runs have no seed axis. Each seed's own ± is its 95% CI over episodes, in the table above."""
+    groups = seed_groups(rows)
+    if SEED not in varying or not groups:
+        return ""
+    setting = [k for k in varying if k != SEED]
+    columns = [*setting, "seeds", "val/acc % over seeds"]
+    columns += [f"test/acc % over seeds ({n} ep)" for n in counts]
+    table = []
+    for group in groups:
+        cells = {**group.overrides, "seeds": " ".join(group.seeds)}
+        cells["val/acc % over seeds"] = mean_std_percent(group.val_acc())
+        for n in counts:
+            cells[f"test/acc % over seeds ({n} ep)"] = mean_std_percent(group.test_acc(n))
+        table.append(cells)
+    return (
+        "\n## Over seeds\n\nRuns that differ only by `seed`, pooled: mean ± std (n - 1) over "
+        "seeds, n seeds with a result.\n\n" + markdown(columns, table)
     )

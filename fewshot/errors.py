@@ -73,8 +73,19 @@ def reported_as_one_line() -> Iterator[None]:
         sys.exit(2)
 
 
+# Options that Hydra plugins provide, and what to install for them.
+PLUGIN_OPTIONS = {
+    "hydra/launcher/submitit_slurm": ("hydra/launcher=slurm", "hydra-submitit-launcher", "cluster"),
+    "hydra/launcher/joblib": ("hydra/launcher=parallel", "hydra-joblib-launcher", "cluster"),
+    "hydra/sweeper/optuna": ("sweep=optuna_lr", "hydra-optuna-sweeper", "sweep"),
+}
+
+
 def hydra_error_line(err: HydraException) -> str:
     """One line for an error Hydra raises while composing the config from the command line."""
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file in PLUGIN_OPTIONS:
+        option, package, extra = PLUGIN_OPTIONS[err.missing_cfg_file]
+        return f'{option} needs {package}, which is not installed: pip install -e ".[{extra}]"'
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group, _, option = err.missing_cfg_file.rpartition("/")
         choices = f"; choose one of: {', '.join(err.options)}" if err.options else ""
@@ -94,8 +105,11 @@ def hydra_error_line(err: HydraException) -> str:
             f"{full_key} is not a config key ({parent or 'the top level'} has: "
             f"{', '.join(map(str, keys))})"
         )
-    # Anything else: Hydra's own text, less the config search path it lists after the message.
+    # Anything else: Hydra's own text, less the config search path it lists after the message,
+    # with the reason of a value the config's schema refused ("could not be converted to ...").
     lines = str(err).split("Config search path:")[0].splitlines()
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
     return "; ".join(line.strip() for line in lines if line.strip())
 
 

@@ -153,6 +153,7 @@ def evaluate_prefixes(
                 "checkpoint": str(Path(ckpt).resolve()),
                 "trained_steps": checkpoint.get("global_step"),
                 "val/acc_best": best_val_acc(checkpoint),
+                "train_seed": stored.get("seed"),  # results of several seeds are pooled by it
                 "protocol": protocol(cfg),
             }
         )

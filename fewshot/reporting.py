@@ -139,15 +139,17 @@ def write_table(
     csv_columns: Sequence[str],
     csv_rows: Sequence[Cells],
     preamble: str = "",
+    epilogue: str = "",
 ) -> Path:
-    """Write `path` (.md, `preamble` then the table) and the same path with .csv; return the .md.
+    """Write `path` (.md, `preamble`, the table, `epilogue`) and the same path with .csv; return
+    the .md.
 
     Markdown shows rounded percentages for people; the CSV keeps every column at full
     precision for programs.
     """
     md_path = Path(path).with_suffix(".md")
     with atomic_path(md_path) as tmp:
-        tmp.write_text(preamble + markdown(md_columns, md_rows))
+        tmp.write_text(preamble + markdown(md_columns, md_rows) + epilogue)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(csv_columns), extrasaction="ignore")
     writer.writeheader()
@@ -155,3 +157,58 @@ def write_table(
     with atomic_path(md_path.with_suffix(".csv")) as tmp:
         tmp.write_text(text.getvalue())
     return md_path
+
+
+SEED = "seed"  # the override that makes runs of one setting differ only by chance
+
+
+@dataclass
+class SeedGroup:
+    """Runs of one setting that differ only by `seed`: the unit results are reported in, as the
+    mean ± std over seeds (std with n - 1, the spread of one more seed's result)."""
+
+    overrides: dict[str, str]  # every override but the seed
+    rows: list[Row]
+
+    @property
+    def seeds(self) -> list[str]:
+        return [row.overrides.get(SEED, "") for row in self.rows]
+
+    def val_acc(self) -> tuple[float | None, float | None, int]:
+        return mean_std([r.val_acc for r in self.rows if r.val_acc is not None])
+
+    def test_acc(self, episodes: int) -> tuple[float | None, float | None, int]:
+        results = (r.results.get(episodes) for r in self.rows)
+        return mean_std([r["test/acc"] for r in results if r is not None])
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None, int]:
+    """(mean, sample std, n); std is None for fewer than two values, both None for none."""
+    n = len(values)
+    if n == 0:
+        return None, None, 0
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+    return mean, std, n
+
+
+def mean_std_percent(stats: tuple[float | None, float | None, int]) -> str | None:
+    """`mean ± std (n=k)` in percent; `mean (n=1)` without a spread; None without values."""
+    mean, std, n = stats
+    if mean is None:
+        return None
+    spread = "" if std is None else f" ± {100 * std:.2f}"
+    return f"{100 * mean:.2f}{spread} (n={n})"
+
+
+def seed_groups(rows: Sequence[Row]) -> list[SeedGroup]:
+    """The rows grouped by every override but `seed`, in order of first appearance; empty unless
+    some rows differ by seed (a sweep without a seed axis has nothing to aggregate)."""
+    if len({row.overrides.get(SEED) for row in rows}) < 2:
+        return []
+    groups: dict[tuple, SeedGroup] = {}
+    for row in rows:
+        setting = {k: v for k, v in row.overrides.items() if k != SEED}
+        key = tuple(sorted(setting.items()))
+        groups.setdefault(key, SeedGroup(setting, [])).rows.append(row)
+    return list(groups.values())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fewshot.errors import DataError
-from fewshot.reporting import Row, markdown
+from fewshot.reporting import SEED, Row, markdown, mean_std
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,31 @@ def _ours(row: Row) -> dict[str, Any]:
     }
 
 
+def _ours_with_seeds(rows: Sequence[Row], cells: dict[str, Any]) -> list[dict[str, Any]]:
+    """One table row per result file, then, where files of one protocol (episodes, split,
+    batch norm, inner loop, meta-iterations) come from several training seeds, a row of the
+    mean ± std (n - 1) over those seeds."""
+    table = [{**cells, **_ours(row)} for row in rows]
+    pooled: dict[tuple, list[tuple[Row, dict[str, Any]]]] = {}
+    for row, line in zip(rows, table):
+        protocol = tuple(v for k, v in line.items() if k not in ("fewshot", *cells))
+        pooled.setdefault(protocol, []).append((row, line))
+    for members in pooled.values():
+        seeds = {row.overrides.get(SEED) for row, _ in members} - {None}
+        if len(seeds) < 2:
+            continue
+        (episodes,) = members[0][0].results
+        mean, std, n = mean_std([row.results[episodes]["test/acc"] for row, _ in members])
+        table.append(
+            {
+                **members[0][1],
+                "fewshot": f"{100 * mean:.2f} ± {100 * std:.2f} over {n} seeds "
+                f"({', '.join(sorted(seeds))})",
+            }
+        )
+    return table
+
+
 def results_tables(results: Sequence[dict[str, Any]]) -> str:
     """One Markdown table per paper: every setting it reports with our results for it (one row
     per result file, "not run" where there is none), then our results for settings it lacks."""
@@ -162,7 +187,8 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
     for result in sorted(
         results, key=lambda r: (r["episodes"], r.get("trained_steps") or 0, r["test/acc"])
     ):
-        row = Row.evaluated("", {}, [result])
+        seed = result.get("train_seed")
+        row = Row.evaluated("", {} if seed is None else {SEED: str(seed)}, [result])
         p = row.protocol
         key = _key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
         by_key.setdefault(key, []).append(row)
@@ -174,22 +200,18 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
             paper_cell = reported.accuracy
             setting = _setting(*_dws(reported), reported.first_order)
             ours = by_key.pop(key, [])
-            for row in ours:
-                rows.append({"setting": setting, "paper": paper_cell, **_ours(row)})
+            rows += _ours_with_seeds(ours, {"setting": setting, "paper": paper_cell})
             if not ours:
                 rows.append({"setting": setting, "paper": paper_cell, "fewshot": "not run"})
         for key in [k for k in by_key if k[0] == paper.algorithm]:
-            for row in by_key.pop(key):
-                setting = _setting(key[2], key[3], key[4], key[1])
-                rows.append({"setting": setting, "paper": "—", **_ours(row)})
+            setting = _setting(key[2], key[3], key[4], key[1])
+            rows += _ours_with_seeds(by_key.pop(key), {"setting": setting, "paper": "—"})
         sections.append(
             f"### {paper.title}\n\nPaper's protocol: {paper.protocol}\n\n" + markdown(COLUMNS, rows)
         )
     for key, others in by_key.items():  # algorithms no paper here reports
-        rows = [
-            {"setting": _setting(key[2], key[3], key[4], key[1]), "paper": "—", **_ours(r)}
-            for r in others
-        ]
+        setting = _setting(key[2], key[3], key[4], key[1])
+        rows = _ours_with_seeds(others, {"setting": setting, "paper": "—"})
         sections.append(f"### {key[0]}\n\n" + markdown(COLUMNS, rows))
     return "\n".join(sections)
 

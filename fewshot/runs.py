@@ -5,6 +5,7 @@ the job folders of a sweep, and the best score a checkpoint holds."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,10 +133,13 @@ def run_dir_of(ckpt_path: str | None, default: str) -> str:
     return str(run.dir) if path == run.last_ckpt and run.config_dir.is_dir() else default
 
 
-def config_subdir(run_dir: str) -> str:
+def config_subdir(run_dir: str) -> str | None:
     """Where Hydra records this job's config: `.hydra`, or `.hydra/resumed_<time>` when the run
-    directory already has one, so that resuming keeps the original run's config and overrides.
-    Used as a resolver in hydra.output_subdir."""
+    directory already has one, so that resuming keeps the original run's config and overrides;
+    None (not recorded) in the other processes of a run that srun or torchrun started, which
+    compose the same config at the same time. Used as a resolver in hydra.output_subdir."""
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) > 0:
+        return None
     if not (Run(run_dir).config_dir / "config.yaml").is_file():
         return HYDRA
     return f"{HYDRA}/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S}"

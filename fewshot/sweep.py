@@ -22,10 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot.errors import user_error
 from fewshot.reporting import (
+    SEED,
     Row,
     common_overrides_line,
+    markdown,
+    mean_std_percent,
     override_columns,
     override_keys,
+    seed_groups,
     write_table,
 )
 from fewshot.runs import Run, sweep_jobs
@@ -33,6 +37,7 @@ from fewshot.runs import Run, sweep_jobs
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary"  # summary.md and summary.csv in the sweep folder
+SEEDS = "summary_seeds"  # summary_seeds.md and .csv: the jobs that differ only by seed, pooled
 
 
 def config_digest(cfg: DictConfig) -> str:
@@ -147,10 +152,52 @@ def write_sweep_summary(sweep_dir: str | Path) -> tuple[Path, list[Row]]:
     ]
     md_columns = ["job", *varying, "val/acc (%)", "step", "status", "error"]
     csv_columns = ["job", *override_keys(rows), "val/acc", "step", "status", "error"]
+    epilogue = write_seed_summary(sweep_dir, varying, rows)
     md_path = write_table(
-        sweep_dir / SUMMARY, md_columns, table, csv_columns, table, preamble + "\n"
+        sweep_dir / SUMMARY, md_columns, table, csv_columns, table, preamble + "\n", epilogue
     )
     return md_path, rows
+
+
+def _natural(text: str) -> tuple:
+    """Sort key: seeds as numbers where they are numbers (2 before 10)."""
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+
+
+def write_seed_summary(sweep_dir: Path, varying: list[str], rows: list[Row]) -> str:
+    """With `seed` among the overrides that vary, write `summary_seeds.{md,csv}`: per setting
+    (the jobs that differ only by seed) the mean ± std of the best val/acc over its completed
+    jobs and their number; return the Markdown section for summary.md ("" without a seed axis)."""
+    groups = seed_groups([r for r in rows if r.status != "incomplete"])
+    if SEED not in varying or not groups:
+        return ""
+    table = []
+    for group in groups:
+        completed = [r for r in group.rows if r.status == "completed"]
+        mean, std, n = group.val_acc()
+        table.append(
+            {
+                **group.overrides,
+                "val/acc (%) over seeds": mean_std_percent((mean, std, n)),
+                "val/acc mean": mean,
+                "val/acc std": std,
+                "n": n,
+                "seeds": " ".join(
+                    sorted((r.overrides.get(SEED, "") for r in completed), key=_natural)
+                ),
+                "failed": len(group.rows) - len(completed),
+            }
+        )
+    table.sort(key=lambda t: (t["val/acc mean"] is None, -(t["val/acc mean"] or 0.0)))
+    setting = [k for k in varying if k != SEED]
+    md_columns = [*setting, "val/acc (%) over seeds", "seeds", "failed"]
+    csv_columns = [*setting, "val/acc mean", "val/acc std", "n", "seeds", "failed"]
+    heading = (
+        "\n## Over seeds\n\nJobs that differ only by `seed`, pooled: mean ± std (n - 1) of "
+        "the best val/acc of the completed ones, n of them; best first.\n\n"
+    )
+    write_table(sweep_dir / SEEDS, md_columns, table, csv_columns, table, heading.lstrip())
+    return heading + markdown(md_columns, table)
 
 
 class SweepSummary(Callback):

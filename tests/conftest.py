@@ -1,18 +1,23 @@
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
 from fewshot.build import learner_from
+from fewshot.checkpointing import load_checkpoint
 from fewshot.config import group_option
 from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
@@ -32,10 +37,120 @@ OMNIGLOT = Path(os.environ.get("FEWSHOT_OMNIGLOT", REPO.parent / "shared" / "dat
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that read the real Omniglot (every train.py run does) are `slow`; `pytest -m "not
-    slow"` is the fast tier, which needs no data."""
+    slow"` is the fast tier, which needs no data. Tests on the SLURM cluster are `slurm`."""
     for item in items:
         if "omniglot_root" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running SLURM cluster (.ci/slurm-up starts a single-node one as root, or finds it up)."""
+    if shutil.which("sbatch") is None or shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed: apt-get install -y slurm-wlm munge")
+    proc = subprocess.run(
+        [str(REPO / ".ci" / "slurm-up")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+# hydra/launcher=slurm on the CPU-only test cluster: no GPU, one of its 2 CPUs per job.
+SLURM_LAUNCHER = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+]
+
+
+def slurm(*command: str, check: bool = True) -> str:
+    """Run a SLURM command; its stdout."""
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 or not check, proc.stderr
+    return proc.stdout
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    """Poll `condition` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout  # a guard against hanging, not a measurement
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def release_requeued(job_id: str) -> None:
+    """Start a requeued job now: SLURM holds one for about two minutes (BeginTime) first."""
+    wait_for(lambda: "PENDING" in slurm("squeue", "-h", "-j", job_id, "-o", "%T"), "the requeue")
+    slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run: tag -> [(step, value)] over all event files."""
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def checkpoint_step(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    return load_checkpoint(path)[1]["global_step"]
+
+
+def logged_past_checkpoint(run_dir: Path) -> int | None:
+    """The step of last.ckpt once the run has logged a training step at or past it, else None."""
+    step = checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+    logged = scalars(run_dir).get("train/loss", []) if step is not None else []
+    return step if logged and max(s for s, _ in logged) >= step else None
+
+
+def meta_gradients(last_ckpt: Path, tasks_per_rank: int) -> tuple[list, list, list]:
+    """For a DDP run's first meta-iteration: (the meta-gradient its optimiser was given, one
+    process's over every rank's tasks, rank 0's tasks alone). After one Adam step,
+    exp_avg = (1 - beta1) * the meta-gradient."""
+    from fewshot.build import build_datamodule, build_module
+    from fewshot.data.episodes import MetaBatchStream
+    from fewshot.learners import plain_backward
+
+    last = load_checkpoint(last_ckpt)[1]
+    assert last["global_step"] == 1
+    (state,) = last["optimizer_states"]
+    (group,) = state["param_groups"]
+    beta1 = group["betas"][0]
+    ddp_grads = [state["state"][i]["exp_avg"] / (1 - beta1) for i in group["params"]]
+
+    cfg = OmegaConf.create(last["fewshot_config"])
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train.py: the same init
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup()
+
+    def grads_over(ranks: list[int]) -> list[torch.Tensor]:
+        tasks = [
+            MetaBatchStream(
+                datamodule.splits["train"],
+                cfg.way,
+                cfg.shot,
+                cfg.query,
+                tasks_per_rank,
+                cfg.seed,
+                rank=r,
+            ).batch(0)
+            for r in ranks
+        ]
+        batch = module.on_after_batch_transfer(Episodes(*map(torch.cat, zip(*tasks))), 0)
+        module.zero_grad()
+        run_tasks(module.tasks, batch, training=True, backward=plain_backward)
+        return [p.grad.clone() for p in module.learner.parameters()]
+
+    return ddp_grads, grads_over([0, 1]), grads_over([0])
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +216,18 @@ def run_script(script: str, *overrides: str, expect_ok: bool = True):
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def start_script(script: str, *overrides: str, log: Path) -> subprocess.Popen:
+    """Start train.py or evaluate.py as a user does, its stdout and stderr into `log`."""
+    with open(log, "w") as out:  # the child keeps its own copy of the file
+        return subprocess.Popen(
+            [sys.executable, script, *overrides],
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -8,15 +8,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from fewshot.build import build_datamodule, build_module
-from fewshot.checkpointing import load_checkpoint
-from fewshot.data.episodes import Episodes, MetaBatchStream
-from fewshot.learners import plain_backward, run_tasks
-from tests.conftest import run_script
+from tests.conftest import meta_gradients, run_script
 
 TASKS_PER_RANK = 2
 DDP = [
@@ -51,44 +47,11 @@ def test_ddp_training_creates_one_run_folder_with_checkpoints_and_tensorboard(dd
 
 def test_ddp_meta_gradient_is_the_mean_over_all_tasks_of_all_ranks(ddp_outputs):
     (run_dir,) = ddp_outputs.iterdir()
-    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")[1]
-    assert last["global_step"] == 1
-    # After one Adam step, exp_avg = (1 - beta1) * the meta-gradient the optimiser was given.
-    (state,) = last["optimizer_states"]
-    (group,) = state["param_groups"]
-    beta1 = group["betas"][0]
-    ddp_grads = [state["state"][i]["exp_avg"] / (1 - beta1) for i in group["params"]]
-
-    cfg = OmegaConf.create(last["fewshot_config"])
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train.py: the same init
-    module = build_module(cfg)
-    datamodule = build_datamodule(cfg)
-    datamodule.setup()
-
-    def grads_over(ranks: list[int]) -> list[torch.Tensor]:
-        tasks = [
-            MetaBatchStream(
-                datamodule.splits["train"],
-                cfg.way,
-                cfg.shot,
-                cfg.query,
-                TASKS_PER_RANK,
-                cfg.seed,
-                rank=r,
-            ).batch(0)
-            for r in ranks
-        ]
-        batch = module.on_after_batch_transfer(Episodes(*map(torch.cat, zip(*tasks))), 0)
-        module.zero_grad()
-        run_tasks(module.tasks, batch, training=True, backward=plain_backward)
-        return [p.grad.clone() for p in module.learner.parameters()]
-
-    single = grads_over([0, 1])  # one process, all 2k tasks
-    assert len(single) == len(ddp_grads)
+    ddp_grads, single, rank0 = meta_gradients(run_dir / "checkpoints" / "last.ckpt", TASKS_PER_RANK)
+    assert len(single) == len(ddp_grads)  # single: one process, all 2k tasks
     for mine, theirs in zip(single, ddp_grads):
         torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-7)
     # The ranks trained on different tasks: rank 0's share alone gives another gradient.
-    rank0 = grads_over([0])
     assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(rank0, ddp_grads))
 
 

@@ -1,6 +1,13 @@
 """The row model every report is made of: its cells, its order, and the columns of overrides."""
 
-from fewshot.reporting import Row, common_overrides_line, markdown, override_columns
+from fewshot.reporting import (
+    Row,
+    common_overrides_line,
+    markdown,
+    mean_std_percent,
+    override_columns,
+    seed_groups,
+)
 from fewshot.runs import Run
 
 
@@ -53,3 +60,21 @@ def test_overrides_that_vary_are_columns_and_shared_ones_one_line_above():
 def test_markdown_cells_stay_on_one_line_and_escape_pipes():
     text = markdown(["a", "b"], [{"a": "x|y", "b": None}, {"a": "two\nlines"}])
     assert text.splitlines() == ["| a | b |", "|---|---|", r"| x\|y |  |", "| two lines |  |"]
+
+
+def test_runs_that_differ_only_by_seed_pool_into_mean_and_sample_std():
+    rows = [
+        Row(str(seed), {"algo.meta_lr": "0.1", "seed": str(seed)}, "completed", val, results=r)
+        for seed, val, r in (
+            (0, 0.5, {600: result(600, 0.4, 0.01)}),
+            (1, 0.7, {600: result(600, 0.6, 0.01)}),
+        )
+    ]
+    rows.append(Row("2", {"algo.meta_lr": "0.2", "seed": "0"}, "failed"))
+    first, second = seed_groups(rows)
+    assert first.overrides == {"algo.meta_lr": "0.1"} and first.seeds == ["0", "1"]
+    mean, std, n = first.val_acc()
+    assert (round(mean, 9), round(std, 9), n) == (0.6, round(0.02**0.5, 9), 2)
+    assert mean_std_percent(first.test_acc(600)) == "50.00 ± 14.14 (n=2)"
+    assert second.val_acc() == (None, None, 0) and mean_std_percent(second.val_acc()) is None
+    assert seed_groups(rows[:1]) == []  # no seed axis, nothing to pool

@@ -101,3 +101,18 @@ def test_the_maml_family_results_sit_beside_their_papers_numbers():
     assert rows["Meta-SGD"][0][:3] == ["Omniglot 5-way 1-shot", "99.53 ± 0.26", "95.10 ± 0.40"]
     assert rows["MAML++"][2][:3] == ["Omniglot 20-way 1-shot", "97.65", "96.20 ± 0.30"]
     assert rows["ANIL"][1][:3] == ["Mini-ImageNet 5-way 5-shot", "61.5 ± 0.5", "60.10 ± 0.70"]
+
+
+def test_results_of_several_training_seeds_get_a_row_of_their_mean_and_std():
+    seeds = [
+        {**evaluation("maml", "omniglot", 5, 1, acc, 0.004), "train_seed": seed}
+        for seed, acc in ((0, 0.95), (1, 0.97))
+    ]
+    rows = table_rows(results_tables(seeds), "MAML")
+    ours = [r for r in rows if r[0] == "Omniglot 5-way 1-shot"]
+    assert [r[2] for r in ours] == [
+        "95.00 ± 0.40",
+        "97.00 ± 0.40",
+        "96.00 ± 1.41 over 2 seeds (0, 1)",
+    ]
+    assert ours[2][3:] == ours[0][3:]  # the same protocol columns

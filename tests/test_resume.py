@@ -2,33 +2,21 @@
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fewshot.checkpointing import load_checkpoint
-from tests.conftest import run_script
+from tests.conftest import (
+    checkpoint_step,
+    logged_past_checkpoint,
+    run_script,
+    scalars,
+    start_script,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar TensorBoard shows for the run: tag -> [(step, value)] over all event files."""
-    events = EventAccumulator(str(run_dir / "tensorboard"))
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
-
-
-def checkpoint_step(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    return load_checkpoint(path)[1]["global_step"]
 
 
 def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
@@ -39,9 +27,7 @@ def kill_after_a_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
     try:
         while time.monotonic() < deadline:
             assert proc.poll() is None, "the run ended before it could be killed"
-            step = checkpoint_step(last)
-            logged = scalars(run_dir).get("train/loss", []) if step is not None else []
-            if logged and max(s for s, _ in logged) >= step:
+            if logged_past_checkpoint(run_dir) is not None:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -75,17 +61,12 @@ def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(
     )
 
     # The same run with no end in sight, killed without warning after its first checkpoint.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            *quick_overrides,
-            "trainer.max_steps=1000",
-            f"hydra.run.dir={killed}",
-        ],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = start_script(
+        "train.py",
+        *quick_overrides,
+        "trainer.max_steps=1000",
+        f"hydra.run.dir={killed}",
+        log=tmp_path / "killed.log",
     )
     assert kill_after_a_checkpoint(proc, killed) < STEPS
 

@@ -184,3 +184,29 @@ def test_optuna_preset_runs_two_trials_and_maximises_val_acc(quick_overrides, tm
         base_lr = float(row.overrides["algo.base_lr"])
         assert 1e-4 <= meta_lr <= 1e-2 and 1e-2 <= base_lr <= 1.0
     assert math.isclose(best.best_params["algo.meta_lr"], float(rows[0].overrides["algo.meta_lr"]))
+
+
+def test_jobs_that_differ_only_by_seed_are_pooled_in_the_summary(tmp_path):
+    for job, (lr, seed, acc) in enumerate([("0.1", 0, 0.5), ("0.1", 1, 0.7), ("0.2", 0, 0.9)]):
+        result = {"status": "completed", "val/acc": acc}
+        fake_job(tmp_path, str(job), [f"algo.meta_lr={lr}", f"seed={seed}"], result)
+    fake_job(tmp_path, "3", ["algo.meta_lr=0.2", "seed=1"], {"status": "failed", "error": "x"})
+    md_path, _ = write_sweep_summary(tmp_path)
+    assert "## Over seeds" in md_path.read_text()
+    csv = (tmp_path / "summary_seeds.csv").read_text().splitlines()
+    assert csv[0] == "algo.meta_lr,val/acc mean,val/acc std,n,seeds,failed"
+    assert csv[1].startswith("0.2,0.9,,1,0,1") and csv[2].startswith("0.1,0.6")
+    assert csv[2].endswith(",2,0 1,0")
+
+
+def test_an_optuna_study_continues_toward_n_trials_when_rerun(quick_overrides, tmp_path):
+    command = ["train.py", "-m", "sweep=optuna_lr", *quick_overrides, f"hydra.sweep.dir={tmp_path}"]
+    run_script(*command, "hydra.sweeper.n_trials=1")
+    first = (tmp_path / "0" / RESULT).stat().st_mtime_ns
+    proc = run_script(*command, "hydra.sweeper.n_trials=2")
+    assert "1 of 2 trials finished, 1 to go" in proc.stderr + proc.stdout
+    _, _, rows = sweep_summary(tmp_path)
+    assert sorted(r.name for r in rows) == ["0", "1"]  # trial k in folder k
+    assert (tmp_path / "0" / RESULT).stat().st_mtime_ns == first  # not run again
+    assert (tmp_path / "optuna.db").is_file()
+    assert rows[0].overrides["algo.meta_lr"] != rows[1].overrides["algo.meta_lr"]
