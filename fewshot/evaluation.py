@@ -41,7 +41,9 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
         "algorithm": cfg.algo.name,
         "first_order": cfg.algo.get("first_order"),
         "settings": {
-            k: v for k, v in cfg.algo.items() if k not in OUTER_LOOP_KEYS and k != "_target_"
+            k: v
+            for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items()
+            if k not in OUTER_LOOP_KEYS and k != "_target_"
         },
         "test_keys": list(test_keys(cfg)),
         **{key: cfg.algo[key] for key in test_keys(cfg)},

@@ -1,14 +1,17 @@
 """Every config composes, builds, and bad values are refused naming their key."""
 
+import json
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from fewshot import config
-from fewshot.build import build_module
+from fewshot.build import OUTER_LOOP_KEYS, build_module
 from fewshot.config import check_config
 from fewshot.errors import ConfigError
+from fewshot.evaluation import protocol
 from tests.conftest import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -101,3 +104,18 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_once_with_the_measured_cost(monkey
     (warning,) = warnings()
     assert warning.startswith("trainer.precision=bf16-mixed on a CPU without native bfloat16")
     assert "5.2x (AVX2)" in warning
+
+
+ALGORITHMS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_every_learners_protocol_records_its_settings_as_json(algo):
+    cfg = compose_train(f"algo={algo}")
+    recorded = json.loads(json.dumps(protocol(cfg)))
+    assert recorded["algorithm"] == algo
+    assert recorded["settings"] == {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items()
+        if k not in OUTER_LOOP_KEYS and k != "_target_"
+    }
