@@ -26,8 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-from fewshot.build import learner_from
-from fewshot.config import group_option
+from fewshot.config import group_option, learner_from
 from fewshot.data.episodes import Episodes
 from fewshot.learners import TaskLoop, VmappedTasks, plain_backward, run_tasks
 from fewshot.learners.tasks import TaskScorer

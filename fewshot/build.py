@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from fewshot.cluster import cluster_trainer_settings
-from fewshot.config import backbone_config, resolved_config
+from fewshot.config import backbone_config, learner_from, resolved_config
 from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.divergence import StopOnNonFinite, divergence_hint
@@ -22,18 +20,6 @@ from fewshot.errors import ConfigError, instantiate
 from fewshot.learners import Learner, TaskLoop, VmappedTasks
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
-
-# `algo` keys of the outer loop and of how tasks are scored (the LightningModule's, the sampler's,
-# the task scorer's); the others are the arguments of the learner that `algo._target_` names.
-OUTER_LOOP_KEYS = (
-    "name",
-    "meta_lr",
-    "meta_lr_schedule",
-    "meta_batch_size",
-    "grad_clip",
-    "vmap_tasks",
-    "compile",
-)
 
 
 def build_learner(cfg: DictConfig) -> Learner:
@@ -45,22 +31,6 @@ def build_learner(cfg: DictConfig) -> Learner:
             "statistics) and statistics(weights, x): fewshot's learners run it on task weights"
         )
     return learner_from(cfg.algo, backbone)
-
-
-def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
-    """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
-    arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
-    try:
-        return instantiate(arguments, backbone=backbone, _convert_="all")
-    except InstantiationException as err:
-        cause = err.__cause__
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
-        if isinstance(cause, TypeError) and unknown:
-            raise ConfigError(
-                f"algo.{unknown[1]} is not a setting of algo={algo.get('name')} "
-                f"({algo.get('_target_')}): remove it"
-            ) from None
-        raise
 
 
 def build_module(cfg: DictConfig) -> EpisodicModule:

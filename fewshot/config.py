@@ -1,11 +1,13 @@
 """Every config key's range and every rule across keys, in one place, checked before any work;
-and a stored run config brought up to the keys the current code reads."""
+which `algo` keys are the learner's; and a stored run config brought up to the keys the current
+code reads."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,13 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.errors import ConfigError
-from fewshot.learners.learner import BATCH_NORM_MODES
+from fewshot.errors import ConfigError, instantiate
+from fewshot.learners.learner import BATCH_NORM_MODES, Learner
 from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
+from fewshot.models.functional import FunctionalBackbone
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -327,3 +331,32 @@ def check_episode_fits(
             f"shot + query = {shot} + {query} is out of range: expected at most "
             f"{per_class}, the images per class of the meta-{split} split; lower shot or query"
         )
+
+
+# `algo` keys of the outer loop and of how tasks are scored (the LightningModule's, the sampler's,
+# the task scorer's); the others are the arguments of the learner that `algo._target_` names.
+OUTER_LOOP_KEYS = (
+    "name",
+    "meta_lr",
+    "meta_lr_schedule",
+    "meta_batch_size",
+    "grad_clip",
+    "vmap_tasks",
+    "compile",
+)
+
+
+def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
+    """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
+    arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
+    try:
+        return instantiate(arguments, backbone=backbone, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+        if isinstance(cause, TypeError) and unknown:
+            raise ConfigError(
+                f"algo.{unknown[1]} is not a setting of algo={algo.get('name')} "
+                f"({algo.get('_target_')}): remove it"
+            ) from None
+        raise

@@ -13,9 +13,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from fewshot.build import OUTER_LOOP_KEYS, build_datamodule, build_module, set_threads
+from fewshot.build import build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
-from fewshot.config import check_config, check_value, int_at_least, upgraded
+from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least, upgraded
 from fewshot.errors import ConfigError
 from fewshot.module import current_state_dict
 from fewshot.runs import best_val_acc

@@ -16,9 +16,8 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
-from fewshot.build import learner_from
 from fewshot.checkpointing import load_checkpoint
-from fewshot.config import group_option
+from fewshot.config import group_option, learner_from
 from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
 from fewshot.learners import EpisodeResults, Learner, TaskLoop, run_tasks

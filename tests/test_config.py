@@ -8,8 +8,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fewshot import config
-from fewshot.build import OUTER_LOOP_KEYS, build_module
-from fewshot.config import check_config
+from fewshot.build import build_module
+from fewshot.config import OUTER_LOOP_KEYS, check_config
 from fewshot.errors import ConfigError
 from fewshot.evaluation import protocol
 from tests.conftest import compose_train
