@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.data.episodes import Episodes
+from fewshot.errors import ConfigError
 from fewshot.learners.learner import Learner
 from fewshot.learners.passes import CompiledPasses, EagerPasses, FunctionalPasses
 from fewshot.models.functional import Weights
@@ -106,6 +107,13 @@ class VmappedTasks:
     torch.func.grad; the meta-gradient comes as one share for all tasks."""
 
     def __init__(self, learner: Learner) -> None:
+        others = [n for n, _ in learner.named_parameters() if not n.startswith("backbone.")]
+        if others:  # the batched meta-gradient is taken for the backbone's weights alone
+            raise ConfigError(
+                f"algo.vmap_tasks=true cannot meta-learn {others[0]} (beside the backbone's "
+                "weights, this learner learns step sizes or per-step batch norm): set "
+                "algo.vmap_tasks=false"
+            )
         self.learner = learner
         self.passes = FunctionalPasses(learner.backbone)
 

@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
+from fewshot.build import build_module
 from fewshot.config import backbone_config
+from fewshot.errors import ConfigError
 from fewshot.learners import TaskLoop, VmappedTasks, plain_backward
 from tests.conftest import compose_train, conv_episode, meta_batch, small
 
@@ -66,3 +68,9 @@ def test_vmapped_tasks_build_a_backbone_that_auto_would_lay_out_channels_last_st
     assert cfg.backbone.channels_last == "auto"
     assert backbone_config(cfg).channels_last is False
     assert backbone_config(compose_train("data.image_size=84")).channels_last == "auto"
+
+
+@pytest.mark.parametrize("algo", ["metasgd", "mamlpp"])
+def test_vmapped_tasks_refuse_learners_with_meta_parameters_beside_the_backbones(algo):
+    with pytest.raises(ConfigError, match="algo.vmap_tasks=true cannot meta-learn rule.rates.0"):
+        build_module(compose_train(f"algo={algo}", "algo.vmap_tasks=true"))
