@@ -45,7 +45,7 @@ STORED_KEYS = (
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes to a temporary file and renames it, so a crash never leaves a half-written one;
-    reads through `load_checkpoint`, so Lightning's resume (`trainer.fit(ckpt_path=...)`) reads
+    reads through `read_as_data`, so Lightning's resume (`trainer.fit(ckpt_path=...)`) reads
     the file as data only, whatever `weights_only` Lightning or the environment asks for."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -53,8 +53,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-        # Lightning moves the state to the device itself once it has read the checkpoint.
-        return load_checkpoint(path, key="ckpt_path")[1]
+        # Lightning moves the state to the device itself once it has read the checkpoint. Not
+        # only fewshot's checkpoints come here: ddp_spawn hands its weights back in a temporary
+        # file of its own.
+        return read_as_data(path, key="ckpt_path")
 
 
 class LatestCheckpoint(Checkpoint):
@@ -115,36 +117,10 @@ def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a fewshot checkpoint, and the checkpoint itself; `key` is the
-    config key that named the file, for the error messages.
-
-    The file is read as data (torch's weights-only unpickler): checkpoints are shared, and
-    unpickling anything else would run whatever code the file names. Every checkpoint fewshot
-    writes (both algorithms, bf16-mixed, DDP, `trainer.max_time`'s Timer, a resumed run, those
-    written before this reader) holds only tensors, OrderedDicts and Python's plain values, which
-    that unpickler admits by default, so no global is added to its allow-list.
-    """
+    """The run config stored in a fewshot checkpoint, and the checkpoint itself (read by
+    `read_as_data`); `key` is the config key that named the file, for the error messages."""
+    checkpoint = read_as_data(path, key)
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}={path} is not a file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        code = _unsafe_globals(path)
-        if code:
-            raise DataError(
-                f"{key}={path} is refused: loading it would call {', '.join(code)}, which is "
-                "code, not data (fewshot reads checkpoints as tensors and plain values only)"
-            ) from err
-        raise DataError(
-            f"{key}={path} cannot be read as data: it is damaged, not a checkpoint, "
-            "or holds more than tensors and plain values"
-        ) from err
-    except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(
-            f"{key}={path} cannot be read ({reason}): it is damaged or not a checkpoint"
-        ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("fewshot_config"), dict):
         raise ConfigError(
             f"{key}={path} was not written by fewshot's train.py (no run config in it)"
@@ -161,6 +137,35 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, di
     except ConfigError as err:
         raise ConfigError(f"{key}={path} holds a run fewshot cannot rebuild: {err}") from err
     return stored, checkpoint
+
+
+def read_as_data(path: str | Path, key: str = "ckpt") -> Any:
+    """A torch file read as data (torch's weights-only unpickler): checkpoints are shared, and
+    unpickling anything else would run whatever code the file names. Every checkpoint fewshot
+    writes (both algorithms, bf16-mixed, DDP, `trainer.max_time`'s Timer, a resumed run, those
+    written before this reader) holds only tensors, OrderedDicts and Python's plain values, which
+    that unpickler admits by default, so no global is added to its allow-list."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}={path} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        code = _unsafe_globals(path)
+        if code:
+            raise DataError(
+                f"{key}={path} is refused: loading it would call {', '.join(code)}, which is "
+                "code, not data (fewshot reads checkpoints as tensors and plain values only)"
+            ) from err
+        raise DataError(
+            f"{key}={path} cannot be read as data: it is damaged, not a checkpoint, "
+            "or holds more than tensors and plain values"
+        ) from err
+    except Exception as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{key}={path} cannot be read ({reason}): it is damaged or not a checkpoint"
+        ) from err
 
 
 def _unsafe_globals(path: Path) -> list[str]:
