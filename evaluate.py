@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
 from fewshot.config import CONF, check_declared_keys
+from fewshot.console import quiet_lightning
 from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
 from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
@@ -85,4 +86,5 @@ def evaluate_many(cfg: DictConfig, ckpts: list[str], runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     run_entry_point(main)

@@ -12,6 +12,7 @@ from fewshot.build import build_datamodule, build_module, build_trainer, set_thr
 from fewshot.checkpointing import check_resumable, fit_outcome
 from fewshot.cluster import job_device, requeued_resume
 from fewshot.config import check_config
+from fewshot.console import quiet_lightning
 from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.runs import config_subdir, run_dir_of
 from fewshot.sweep import recorded_job
@@ -48,4 +49,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    quiet_lightning()
     run_entry_point(main)

@@ -1,0 +1,31 @@
+"""What train.py and evaluate.py print: Lightning's messages that are no news to a fewshot user
+silenced by name (each one, never a category or module wholesale)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# (message start, category): each raised inside Lightning, on every run.
+KNOWN_WARNINGS = (
+    # Lightning's own pytree helper calls torch's deprecated LeafSpec check.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # fewshot's module turns uint8 images into floats there on purpose, whatever the datamodule.
+    (r"You have overridden `on_after_batch_transfer` in `LightningModule`", UserWarning),
+    # A machine with SLURM installed, running a job outside it (hydra/launcher=slurm uses srun).
+    (r"The `srun` command is available on your system but is not used", UserWarning),
+)
+TIP = "💡 Tip:"  # Lightning's advertisement for its cloud logger, at every Trainer
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(TIP)
+
+
+def quiet_lightning() -> None:
+    """Silence KNOWN_WARNINGS and Lightning's tips; every other message is left alone."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropTips())
