@@ -68,9 +68,18 @@ def reported_as_one_line() -> Iterator[None]:
         yours = user_error(err)
         if yours is None:
             raise
-        log.error("%s", yours)
+        _to_log_files(f"{yours}")
         print(f"error: {yours}", file=sys.stderr)
         sys.exit(2)
+
+
+def _to_log_files(message: str) -> None:
+    """Record an error in the run's log file (Hydra's job log) but not on the console, where
+    the `error:` line says it once."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 # Options that Hydra plugins provide, and what to install for them.

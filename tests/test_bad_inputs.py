@@ -234,6 +234,7 @@ def test_a_bad_input_is_one_clear_line(
         assert "Traceback" not in proc.stderr
         (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         line = line.removeprefix("error: ")
+        assert (proc.stdout + proc.stderr).count(line) == 1  # said once, not also as a log record
     assert "\n" not in line
     for fragment in message:
         assert fragment in line
