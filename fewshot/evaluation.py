@@ -17,6 +17,8 @@ from fewshot.build import build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least, upgraded
 from fewshot.errors import ConfigError
+from fewshot.learners.maml import MAML
+from fewshot.learners.metalstm import MetaLSTM
 from fewshot.module import current_state_dict
 from fewshot.runs import best_val_acc
 
@@ -72,10 +74,7 @@ def inner_loop_summary(protocol: dict[str, Any]) -> str:
 
 
 # Result files written before protocols recorded their test-time keys.
-_TEST_KEYS_BEFORE_RECORDED = {
-    "maml": ("base_lr", "inner_steps_test"),
-    "metalstm": ("inner_epochs", "inner_batch_size"),
-}
+_TEST_KEYS_BEFORE_RECORDED = {"maml": MAML.test_keys, "metalstm": MetaLSTM.test_keys}
 
 
 def evaluate_checkpoint(

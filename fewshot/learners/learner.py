@@ -94,23 +94,26 @@ class Learner(nn.Module):
         self.steps, self.steps_test, self.second_order = steps, steps_test, second_order
         self.batch_norm_train, self.batch_norm_test = batch_norm_train, batch_norm_test
         self.support_batches, self.checkpoint_inner = support_batches, checkpoint_inner
-        has_parameters = isinstance(rule, nn.Module) and any(True for _ in rule.parameters())
-        if checkpoint_inner and (per_step_norm or has_parameters):
+        self.second_order_from = second_order_from
+        norms = norm_parameters(backbone) if per_step_norm else {}
+        self.norm_names = tuple(norms)
+        # [steps - 1, channels] per batch-norm parameter: steps 1.. (step 0's are the backbone's)
+        self.step_norms = nn.ParameterList(
+            nn.Parameter(w.detach().expand(steps - 1, -1).clone()) for w in norms.values()
+        )
+        self.adapted = tuple(adapted_parameters(backbone, adapt_only, per_step_norm))
+        if checkpoint_inner and self.other_meta_parameters():
             # The rerun in backward differentiates the weights only, not other meta-parameters.
             raise ConfigError(
                 "algo.checkpoint_inner=true cannot rerun inner steps that use meta-parameters "
                 "besides the weights (learned step sizes, per-step batch norm): set "
                 "algo.checkpoint_inner=false"
             )
-        self.second_order_from = second_order_from
-        self.norm_names = tuple(norm_parameters(backbone)) if per_step_norm else ()
-        # [steps - 1, channels] per batch-norm parameter: steps 1.. (step 0's are the backbone's)
-        self.step_norms = nn.ParameterList(
-            nn.Parameter(w.detach().expand(steps - 1, -1).clone())
-            for w in norm_parameters(backbone).values()
-            if per_step_norm
-        )
-        self.adapted = tuple(adapted_parameters(backbone, adapt_only, per_step_norm))
+
+    def other_meta_parameters(self) -> list[str]:
+        """The names of the meta-parameters beside the backbone's weights (learned step sizes,
+        per-step batch norm, Meta-LSTM's cell)."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("backbone.")]
 
     def initial_weights(self, training: bool) -> Weights:
         weights = dict(self.backbone.named_parameters())

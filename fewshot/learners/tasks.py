@@ -107,7 +107,7 @@ class VmappedTasks:
     torch.func.grad; the meta-gradient comes as one share for all tasks."""
 
     def __init__(self, learner: Learner) -> None:
-        others = [n for n, _ in learner.named_parameters() if not n.startswith("backbone.")]
+        others = learner.other_meta_parameters()
         if others:  # the batched meta-gradient is taken for the backbone's weights alone
             raise ConfigError(
                 f"algo.vmap_tasks=true cannot meta-learn {others[0]} (beside the backbone's "
