@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,21 +72,38 @@ def slurm(*command: str, check: bool = True) -> str:
     return proc.stdout
 
 
-def wait_for(condition, what: str, timeout: float = 300):
-    """Poll `condition` until it returns something true; return that."""
+def wait_for(condition, what: str | Callable[[], str], timeout: float = 300):
+    """Poll `condition` until it returns something true; return that. `what` names the wait in
+    the timeout's message (a callable: said as things stand at the timeout)."""
     deadline = time.monotonic() + timeout  # a guard against hanging, not a measurement
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+def job_state(job_id: str) -> dict[str, str]:
+    """SLURM's record of a job (`scontrol show job`): field -> value, e.g. JobState, Restarts."""
+    words = slurm("scontrol", "-o", "show", "job", job_id).split()
+    return dict(w.split("=", 1) for w in words if "=" in w)
 
 
 def release_requeued(job_id: str) -> None:
-    """Start a requeued job now: SLURM holds one for about two minutes (BeginTime) first."""
-    wait_for(lambda: "PENDING" in slurm("squeue", "-h", "-j", job_id, "-o", "%T"), "the requeue")
-    slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    """Start a requeued job now: SLURM holds one for about two minutes (BeginTime) first.
+
+    The hold is set when the requeue completes, which can come after the job reads PENDING, so
+    the start time is set again for as long as the job still waits."""
+
+    def started() -> bool:
+        if job_state(job_id)["JobState"] != "PENDING":
+            return False
+        slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        time.sleep(1)
+        return job_state(job_id)["JobState"] != "PENDING"
+
+    wait_for(started, lambda: f"the requeued job to start: {job_state(job_id)}")
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

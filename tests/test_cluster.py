@@ -17,6 +17,7 @@ from fewshot.sweep import sweep_summary
 from tests.conftest import (
     REPO,
     SLURM_LAUNCHER,
+    job_state,
     logged_past_checkpoint,
     meta_gradients,
     release_requeued,
@@ -160,14 +161,15 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
 
     # Requeued again after it finished (a node failure, an admin): it does not train again.
     stamp = (job / RESULT).stat().st_mtime_ns
+    # The launcher returns on the job's result file, before SLURM may have recorded its end.
+    wait_for(lambda: job_state(job_id)["JobState"] == "COMPLETED", "the job's second end")
     slurm("scontrol", "requeue", job_id)
     release_requeued(job_id)
     wait_for(
         lambda: (
-            {"JobState=COMPLETED", "Restarts=2"}
-            <= set(slurm("scontrol", "show", "job", job_id).split())
+            job_state(job_id)["JobState"] == "COMPLETED" and job_state(job_id)["Restarts"] == "2"
         ),
-        "the job's third end",
+        lambda: f"the job's third end: {job_state(job_id)}",
     )
     assert "not training it again" in (job / "train.log").read_text()
     assert (job / RESULT).stat().st_mtime_ns == stamp
