@@ -17,7 +17,7 @@ from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.divergence import StopOnNonFinite, divergence_hint
 from fewshot.errors import ConfigError, instantiate
-from fewshot.learners import Learner, TaskLoop, VmappedTasks
+from fewshot.learners import Learner, task_scorer
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
 
@@ -35,11 +35,8 @@ def build_learner(cfg: DictConfig) -> Learner:
 
 def build_module(cfg: DictConfig) -> EpisodicModule:
     learner = build_learner(cfg)
-    tasks = (
-        VmappedTasks(learner)
-        if cfg.algo.get("vmap_tasks")
-        else TaskLoop(learner, compiled=cfg.algo.get("compile", False))
-    )
+    batching = "vmap" if cfg.algo.get("vmap_tasks") else "loop"
+    tasks = task_scorer(learner, batching, cfg.algo.get("compile", False))
     return EpisodicModule(
         learner,
         tasks,

@@ -3,6 +3,23 @@
 (tasks.py)."""
 
 from fewshot.learners.learner import Learner
-from fewshot.learners.tasks import EpisodeResults, TaskLoop, VmappedTasks, plain_backward, run_tasks
+from fewshot.learners.tasks import (
+    TASK_BATCHING,
+    EpisodeResults,
+    TaskLoop,
+    VmappedTasks,
+    plain_backward,
+    run_tasks,
+    task_scorer,
+)
 
-__all__ = ["EpisodeResults", "Learner", "TaskLoop", "VmappedTasks", "plain_backward", "run_tasks"]
+__all__ = [
+    "TASK_BATCHING",
+    "EpisodeResults",
+    "Learner",
+    "TaskLoop",
+    "VmappedTasks",
+    "plain_backward",
+    "run_tasks",
+    "task_scorer",
+]

@@ -147,6 +147,20 @@ class VmappedTasks:
 
 
 TaskScorer = TaskLoop | VmappedTasks
+# algo.task_batching's choices: how the tasks of a meta-batch are run
+TASK_BATCHING = {"loop": TaskLoop, "vmap": VmappedTasks}
+
+
+def task_scorer(learner: Learner, batching: str, compiled: bool = False) -> TaskScorer:
+    """The scorer named `batching` (a key of TASK_BATCHING) for `learner`; `compiled`:
+    evaluation's passes through torch.compile (the loop only)."""
+    if batching not in TASK_BATCHING:
+        raise ConfigError(f"algo.task_batching={batching} is not one of {', '.join(TASK_BATCHING)}")
+    if batching == "loop":
+        return TaskLoop(learner, compiled)
+    return TASK_BATCHING[batching](learner)
+
+
 Backward = Callable[[Tensor, bool], None]  # (loss share, is it the last share?) -> None
 
 
