@@ -35,8 +35,7 @@ def build_learner(cfg: DictConfig) -> Learner:
 
 def build_module(cfg: DictConfig) -> EpisodicModule:
     learner = build_learner(cfg)
-    batching = "vmap" if cfg.algo.get("vmap_tasks") else "loop"
-    tasks = task_scorer(learner, batching, cfg.algo.get("compile", False))
+    tasks = task_scorer(learner, cfg.algo.task_batching, cfg.algo.get("compile", False))
     return EpisodicModule(
         learner,
         tasks,

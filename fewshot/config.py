@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fewshot.errors import ConfigError, instantiate
 from fewshot.learners.learner import BATCH_NORM_MODES, Learner
+from fewshot.learners.tasks import TASK_BATCHING
 from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
 from fewshot.models.functional import FunctionalBackbone
 
@@ -67,7 +68,7 @@ RULES: dict[str, Rule] = {
     "algo.inner_batch_size": int_at_least(1),
     "algo.learn_init": _BOOLEAN,
     "algo.first_order": _BOOLEAN,
-    "algo.vmap_tasks": _BOOLEAN,
+    "algo.task_batching": one_of(*TASK_BATCHING),
     "algo.checkpoint_inner": _BOOLEAN,
     "algo.adapt_only": _NAMES,
     "algo.lslr": _BOOLEAN,
@@ -105,31 +106,38 @@ EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = 
     ),
     (
         ("backbone.channels_last", True),
-        ("algo.vmap_tasks", True),
+        ("algo.task_batching", "vmap"),
         "cannot run with",
         "vmap keeps tensors in the standard layout",
         "set backbone.channels_last=auto or false",
     ),
     (
         ("algo.checkpoint_inner", True),
-        ("algo.vmap_tasks", True),
+        ("algo.task_batching", "vmap"),
         "cannot run with",
         "torch.func.vmap does not batch its recomputation, a custom autograd Function",
-        "set one of them to false",
+        "set algo.checkpoint_inner=false or algo.task_batching=loop or grouped",
     ),
     (
         ("trainer.precision", "bf16-mixed"),
-        ("algo.vmap_tasks", True),
+        ("algo.task_batching", "vmap"),
         "cannot run with",
         "torch.func.grad under autocast fails with a dtype mismatch in torch 2.15",
-        "set trainer.precision=32-true or algo.vmap_tasks=false",
+        "set trainer.precision=32-true or algo.task_batching=loop",
     ),
     (
         ("algo.compile", True),
-        ("algo.vmap_tasks", True),
+        ("algo.task_batching", "vmap"),
         "cannot run with",
         "the batched tasks run through torch.func, uncompiled",
-        "set one of them to false",
+        "set algo.compile=false or algo.task_batching=loop",
+    ),
+    (
+        ("algo.compile", True),
+        ("algo.task_batching", "grouped"),
+        "cannot run with",
+        "compiled passes run task by task",
+        "set algo.compile=false or algo.task_batching=loop",
     ),
 )
 
@@ -268,10 +276,10 @@ def check_backbone_fits(cfg: DictConfig) -> None:
 
 
 def backbone_config(cfg: DictConfig) -> DictConfig:
-    """The backbone group with `auto` choices resolved for this run: vmap_tasks cannot batch
+    """The backbone group with `auto` choices resolved for this run: vmap cannot batch
     channels-last tensors, so `auto` means the standard layout there."""
     backbone = cfg.backbone.copy()
-    if cfg.algo.get("vmap_tasks") and backbone.get("channels_last") == "auto":
+    if cfg.algo.get("task_batching") == "vmap" and backbone.get("channels_last") == "auto":
         backbone.channels_last = False
     return backbone
 
@@ -294,6 +302,8 @@ def group_option(group: str, name: str) -> DictConfig:
 
 # Keys that moved: old place -> new place.
 MOVED = {"trainer.threads": "threads", "trainer.compile": "algo.compile"}
+# Keys replaced by one of other values: old key -> (new key, old value -> new value).
+REPLACED = {"algo.vmap_tasks": ("algo.task_batching", {True: "vmap", False: "loop"})}
 
 
 def upgraded(stored: DictConfig) -> DictConfig:
@@ -305,6 +315,10 @@ def upgraded(stored: DictConfig) -> DictConfig:
         group, key = old.split(".")
         if key in cfg.get(group, {}):
             OmegaConf.update(cfg, new, cfg[group].pop(key), force_add=True)
+    for old, (new, values) in REPLACED.items():
+        group, key = old.split(".")
+        if key in cfg.get(group, {}):
+            OmegaConf.update(cfg, new, values[cfg[group].pop(key)], force_add=True)
     for group in ("algo", "data"):
         name = cfg[group].get("name")
         defaults = CONF / group / f"{name}.yaml"
@@ -341,7 +355,7 @@ OUTER_LOOP_KEYS = (
     "meta_lr_schedule",
     "meta_batch_size",
     "grad_clip",
-    "vmap_tasks",
+    "task_batching",
     "compile",
 )
 

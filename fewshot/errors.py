@@ -108,6 +108,12 @@ def hydra_error_line(err: HydraException) -> str:
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and full_key and "not in struct" in str(cause):
+        from fewshot.config import REPLACED  # config imports this module
+
+        if full_key in REPLACED:
+            new, values = REPLACED[full_key]
+            choices = " or ".join(f"{new}={v}" for v in values.values())
+            return f"{full_key} is no longer a config key: it became {new} (here: {choices})"
         parent, _, _ = full_key.rpartition(".")
         keys = [k for k in (cause.parent_node or {}) if k != "hydra"]
         return (

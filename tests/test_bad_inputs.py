@@ -101,6 +101,11 @@ BAD_INPUTS = [
         ["experiment=maml_omniglot_5w1S is not an option", "maml_omniglot_5w1s"],
     ),
     ("compose", ["algo.base_rate=0.1"], ["algo.base_rate is not a config key", "base_lr"]),
+    (
+        "compose",
+        ["algo.vmap_tasks=true"],
+        ["algo.vmap_tasks is no longer a config key", "algo.task_batching=vmap or"],
+    ),
     ("compose", ["way=[1,"], ["cannot parse the override 'way=[1,'"]),
     ("train.py", ["way=1"], ["way=1 is out of range: expected an integer >= 2"]),
     ("data", ["way=200"], ["way=200 is out of range: expected 2..160", "meta-val split"]),
@@ -118,7 +123,11 @@ BAD_INPUTS = [
     ("check_config", ["trainer.max_steps=0"], ["trainer.max_steps=0 is out of range", ">= 1"]),
     ("check_config", ["trainer.val_check_interval=0"], ["trainer.val_check_interval=0", ">= 1"]),
     ("check_config", ["algo.meta_batch_size=0"], ["algo.meta_batch_size=0", ">= 1"]),
-    ("check_config", ["algo.vmap_tasks=yes"], ["algo.vmap_tasks='yes' is out of range", "true or"]),
+    (
+        "check_config",
+        ["algo.task_batching=batched"],
+        ["algo.task_batching='batched' is out of range", "loop or vmap or grouped"],
+    ),
     (
         "check_config",
         ["backbone.channels_last=1"],
@@ -132,13 +141,13 @@ BAD_INPUTS = [
     ),
     (
         "check_config",
-        ["algo.checkpoint_inner=true", "algo.vmap_tasks=true"],
-        ["algo.checkpoint_inner=true cannot run with algo.vmap_tasks=true", "set one of them"],
+        ["algo.checkpoint_inner=true", "algo.task_batching=vmap"],
+        ["algo.checkpoint_inner=true cannot run with algo.task_batching=vmap", "or grouped"],
     ),
     (
         "check_config",
-        ["trainer.precision=bf16-mixed", "algo.vmap_tasks=true"],
-        ["trainer.precision=bf16-mixed cannot run with algo.vmap_tasks=true", "32-true"],
+        ["trainer.precision=bf16-mixed", "algo.task_batching=vmap"],
+        ["trainer.precision=bf16-mixed cannot run with algo.task_batching=vmap", "32-true"],
     ),
     (
         "train.py",

@@ -115,6 +115,12 @@ class Learner(nn.Module):
         per-step batch norm, Meta-LSTM's cell)."""
         return [n for n, _ in self.named_parameters() if not n.startswith("backbone.")]
 
+    @property
+    def rule_reads_loss(self) -> bool:
+        """Whether the update rule reads the support loss (Meta-LSTM's does), not only its
+        gradient."""
+        return getattr(self.rule, "reads_loss", False)
+
     def initial_weights(self, training: bool) -> Weights:
         weights = dict(self.backbone.named_parameters())
         if training:

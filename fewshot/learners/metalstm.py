@@ -61,6 +61,8 @@ class LSTMUpdate(nn.Module):
     weights start in [-0.01, 0.01] (the authors' code).
     """
 
+    reads_loss = True  # the loss is one of each coordinate's inputs
+
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.lstm = nn.LSTMCell(4, hidden_size)  # input: preprocessed (loss, gradient)

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fewshot.models.functional import FunctionalBackbone, Statistics, Weights
+from fewshot.models.functional import (
+    FunctionalBackbone,
+    GroupedBackbone,
+    Statistics,
+    Weights,
+)
 
 
 class EagerPasses:
@@ -29,6 +34,10 @@ class EagerPasses:
     def support_loss(self, weights: Weights, x: Tensor, y: Tensor) -> Tensor:
         """The learner's cross-entropy on a support batch x [N, C, H, W], y [N]."""
         return F.cross_entropy(self.backbone.forward_with(weights, x), y)
+
+    def query_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The task's cross-entropy [] on its query logits [N, way], labels y [N]."""
+        return F.cross_entropy(logits, y)
 
     def loss_and_gradients(
         self, weights: Weights, x: Tensor, y: Tensor, create_graph: bool, names: Sequence[str]
@@ -86,6 +95,38 @@ class CompiledPasses(FunctionalPasses):
     ) -> tuple[Tensor, Weights]:
         grads, loss = self._gradients({n: weights[n] for n in names}, _others(weights, names), x, y)
         return loss, grads
+
+
+class GroupedPasses(EagerPasses):
+    """The passes of T tasks in lockstep (`GroupedBackbone.forward_tasks`): weights with a
+    leading task axis, or without one where all tasks share them (per-step batch norm), images
+    [T, N, C, H, W], labels [T, N].
+
+    The support loss is the sum of the tasks' mean losses: each task's weights enter no other
+    task's loss, so its gradient for them is that task's own, and one backward gives all."""
+
+    def __init__(self, backbone: GroupedBackbone) -> None:
+        super().__init__(backbone)
+        self.shapes = {n: p.shape for n, p in backbone.named_parameters()}
+
+    def logits(self, weights: Weights, x: Tensor, statistics: Statistics | None = None) -> Tensor:
+        return self.backbone.forward_tasks(self._per_task(weights, len(x)), x, statistics)
+
+    def statistics(self, weights: Weights, x: Tensor) -> Statistics:
+        return self.backbone.task_statistics(self._per_task(weights, len(x)), x)
+
+    def support_loss(self, weights: Weights, x: Tensor, y: Tensor) -> Tensor:
+        return self.query_loss(self.logits(weights, x), y).sum()
+
+    def query_loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Each task's cross-entropy [T] on logits [T, N, way], labels y [T, N]."""
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+
+    def _per_task(self, weights: Weights, tasks: int) -> Weights:
+        return {
+            n: w.expand(tasks, *w.shape) if w.shape == self.shapes[n] else w
+            for n, w in weights.items()
+        }
 
 
 def _others(weights: Weights, names: Sequence[str]) -> Weights:

@@ -18,7 +18,9 @@ class UpdateRule(Protocol):
     `weights` and `grads` hold only the parameters that adapt; `step` counts inner steps from 0
     (for rules with a setting per step); `loss` is the support loss the gradients are of, for
     rules that read it (as optax passes `value` to line searches). A rule with meta-parameters
-    is an nn.Module, so the outer loop learns them with the initialisation.
+    is an nn.Module, so the outer loop learns them with the initialisation. A rule that reads
+    the loss says so with a class attribute `reads_loss = True` (tasks batched in lockstep sum
+    their losses, so they cannot run it).
     """
 
     def init(self, weights: Weights) -> State: ...

@@ -1,5 +1,6 @@
 """Scoring tasks, free of Lightning: adapt to each task of a meta-batch and score its query
-set, task by task (`TaskLoop`) or all tasks as one torch.func.vmap batch (`VmappedTasks`).
+set, task by task (`TaskLoop`), all tasks as one torch.func.vmap batch (`VmappedTasks`), or all
+in lockstep as grouped kernel calls (`GroupedTasks`).
 Which one, and whether evaluation is compiled, is chosen once when the run is built."""
 
 from __future__ import annotations
@@ -8,14 +9,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
-from fewshot.learners.learner import Learner
-from fewshot.learners.passes import CompiledPasses, EagerPasses, FunctionalPasses
-from fewshot.models.functional import Weights
+from fewshot.learners.learner import Learner, whole_support_set
+from fewshot.learners.passes import (
+    CompiledPasses,
+    EagerPasses,
+    FunctionalPasses,
+    GroupedPasses,
+)
+from fewshot.models.functional import GroupedBackbone, Weights
 
 
 @dataclass
@@ -40,7 +45,8 @@ class EpisodeResults:
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    return (logits.argmax(-1) == labels).float().mean()
+    """The share of right predictions, over the last axis (per task, where tasks are an axis)."""
+    return (logits.argmax(-1) == labels).float().mean(-1)
 
 
 def score_task(
@@ -58,6 +64,7 @@ def score_task(
     """Adapt to one task from `start` (the backbone's weights when None) and score its query
     set: loss [], accuracy [], and the accuracy before and after each inner step [steps + 1]
     (empty unless `track_steps`). `iteration`: the meta-iteration, for annealed settings.
+    With `GroupedPasses`, the tasks of a batch at once: each result gains a leading task axis.
 
     The loss is the query loss after the last step, or, where the learner weights the steps'
     losses (MAML++'s multi-step loss), their weighted sum."""
@@ -71,13 +78,13 @@ def score_task(
                 trace.append(accuracy(logits, query_y))
         if step_weights is not None and previous is not None:  # a step before the last
             logits = learner.query_logits(previous, support_x, query_x, training, passes)
-            step_losses.append(F.cross_entropy(logits, query_y))
+            step_losses.append(passes.query_loss(logits, query_y))
         previous = weights if step > 0 else None
     logits = learner.query_logits(weights, support_x, query_x, training, passes)
-    loss = F.cross_entropy(logits, query_y)
+    loss = passes.query_loss(logits, query_y)
     if step_weights is not None:
-        loss = (torch.stack([*step_losses, loss]) * step_weights.to(loss)).sum()
-    step_accuracy = torch.stack(trace) if trace else logits.new_empty(0)
+        loss = (torch.stack([*step_losses, loss], -1) * step_weights.to(loss)).sum(-1)
+    step_accuracy = torch.stack(trace, -1) if trace else logits.new_empty(*loss.shape, 0)
     return loss, accuracy(logits.detach(), query_y), step_accuracy
 
 
@@ -110,9 +117,9 @@ class VmappedTasks:
         others = learner.other_meta_parameters()
         if others:  # the batched meta-gradient is taken for the backbone's weights alone
             raise ConfigError(
-                f"algo.vmap_tasks=true cannot meta-learn {others[0]} (beside the backbone's "
-                "weights, this learner learns step sizes or per-step batch norm): set "
-                "algo.vmap_tasks=false"
+                f"algo.task_batching=vmap cannot meta-learn {others[0]} (beside the "
+                "backbone's weights, this learner learns step sizes or per-step batch norm): "
+                "set algo.task_batching=loop or grouped"
             )
         self.learner = learner
         self.passes = FunctionalPasses(learner.backbone)
@@ -146,9 +153,45 @@ class VmappedTasks:
         yield Scores(losses.mean() + (surrogate - surrogate.detach()), accuracies, traces)
 
 
-TaskScorer = TaskLoop | VmappedTasks
+class GroupedTasks:
+    """All tasks of a meta-batch in lockstep through the backbone's `forward_tasks`: per-task
+    weights stacked along a task axis, each layer one grouped kernel call for all tasks, the
+    inner gradients of all tasks from one backward and the meta-gradient from plain autograd
+    (so meta-parameters beside the weights learn as in the loop)."""
+
+    def __init__(self, learner: Learner) -> None:
+        if not isinstance(learner.backbone, GroupedBackbone):
+            raise ConfigError(
+                f"algo.task_batching=grouped needs a backbone with forward_tasks and "
+                f"task_statistics; {type(learner.backbone).__name__} has none: set "
+                "algo.task_batching=loop"
+            )
+        if learner.support_batches is not whole_support_set or learner.rule_reads_loss:
+            # Tasks in lockstep share one support batch order and one summed loss.
+            raise ConfigError(
+                f"algo.task_batching=grouped cannot run {type(learner).__name__}, whose inner "
+                "steps read each task's own loss or support mini-batches: set "
+                "algo.task_batching=loop"
+            )
+        self.learner = learner
+        self.passes = GroupedPasses(learner.backbone)
+
+    def __call__(
+        self, batch: Episodes, training: bool, track_steps: bool, iteration: int = 0
+    ) -> Iterator[Scores]:
+        tasks = len(batch.query_y)
+        start = {
+            n: w.expand(tasks, *w.shape) for n, w in self.learner.initial_weights(training).items()
+        }
+        loss, accuracies, traces = score_task(
+            self.learner, self.passes, *batch, training, track_steps, start, iteration
+        )
+        yield Scores(loss.mean(), accuracies, traces)
+
+
+TaskScorer = TaskLoop | VmappedTasks | GroupedTasks
 # algo.task_batching's choices: how the tasks of a meta-batch are run
-TASK_BATCHING = {"loop": TaskLoop, "vmap": VmappedTasks}
+TASK_BATCHING = {"loop": TaskLoop, "vmap": VmappedTasks, "grouped": GroupedTasks}
 
 
 def task_scorer(learner: Learner, batching: str, compiled: bool = False) -> TaskScorer:

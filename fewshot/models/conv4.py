@@ -82,24 +82,58 @@ class Conv4(nn.Module):
         `statistics` when given, else with those of the batch. The layers only hold the
         parameters' shapes and settings: run functionally, a pass skips functional_call's
         rebinding of every parameter."""
-        return self._run(weights, x, statistics, None)
+        features = self._features(weights, x, statistics, None)
+        return F.linear(features.flatten(1), weights["head.weight"], weights["head.bias"])
 
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         """Each batch-norm layer's input statistics on `x` under `weights`."""
         record: Statistics = {}
-        self._run(weights, x, None, record)
+        self._features(weights, x, None, record)
         return record
 
-    def _run(
-        self, weights: Weights, x: Tensor, given: Statistics | None, record: Statistics | None
+    def forward_tasks(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
     ) -> Tensor:
+        """`forward_with` for T tasks at once: every weight with a leading task axis [T, ...],
+        x [T, N, C, H, W] -> [T, N, classes]; `statistics` [T, channels] each.
+
+        The tasks' images are stacked along channels and each conv runs as one grouped
+        convolution (groups=T), batch norm over the stacked channels is per task by
+        construction, and the head is one batched matmul: a few large kernel calls where a
+        loop over small tasks makes T small ones."""
+        tasks, n = x.shape[:2]
+        stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])  # [N, T*C, H, W]
+        given = None if statistics is None else _stack_statistics(statistics)
+        features = self._features(_stack_tasks(weights), stacked, given, None, tasks)
+        features = features.reshape(n, tasks, -1).transpose(0, 1)  # [T, N, C*h*w], each task's
+        head = weights["head.weight"].transpose(1, 2)  # [T, C*h*w, classes]
+        return torch.baddbmm(weights["head.bias"][:, None], features, head)
+
+    def task_statistics(self, weights: Weights, x: Tensor) -> Statistics:
+        """`statistics` for T tasks at once (shapes as in `forward_tasks`): [T, channels] each."""
+        tasks, n = x.shape[:2]
+        record: Statistics = {}
+        stacked = x.transpose(0, 1).reshape(n, -1, *x.shape[3:])
+        self._features(_stack_tasks(weights), stacked, None, record, tasks)
+        return {k: (m.view(tasks, -1), v.view(tasks, -1)) for k, (m, v) in record.items()}
+
+    def _features(
+        self,
+        weights: Weights,
+        x: Tensor,
+        given: Statistics | None,
+        record: Statistics | None,
+        groups: int = 1,
+    ) -> Tensor:
+        """The blocks' output before the head; with `groups`, that many tasks stacked along
+        channels, their weights stacked along output channels."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for name, layer in self.features.named_children():
             key = f"features.{name}."
             if isinstance(layer, nn.Conv2d):
                 weight, bias = weights[key + "weight"], weights[key + "bias"]
-                x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
+                x = F.conv2d(x, weight, bias, layer.stride, layer.padding, groups=groups)
                 if self.channels_last:
                     # A 1-channel input (Omniglot) is laid out both ways at once, and torch then
                     # picks the standard layout for the output: convert it, or batch norm and
@@ -112,6 +146,15 @@ class Conv4(nn.Module):
                 mean, var = given[key[:-1]] if given is not None else (None, None)
                 weight, bias = weights[key + "weight"], weights[key + "bias"]
                 x = F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, layer.eps)
-            else:
-                x = layer(x)  # ReLU, MaxPool2d, Flatten: no state
-        return F.linear(x, weights["head.weight"], weights["head.bias"])
+            elif not isinstance(layer, nn.Flatten):  # the caller flattens, per task or not
+                x = layer(x)  # ReLU, MaxPool2d: no state
+        return x
+
+
+def _stack_tasks(weights: Weights) -> Weights:
+    """Per-task weights [T, out, ...] as one layer's [T*out, ...]: a grouped conv's weights."""
+    return {n: w.reshape(-1, *w.shape[2:]) for n, w in weights.items() if not n.startswith("head.")}
+
+
+def _stack_statistics(statistics: Statistics) -> Statistics:
+    return {k: (m.reshape(-1), v.reshape(-1)) for k, (m, v) in statistics.items()}

@@ -27,3 +27,19 @@ class FunctionalBackbone(Protocol):
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         """The statistics each batch-norm layer sees on `x` [N, C, H, W] under `weights`."""
         ...
+
+
+@runtime_checkable
+class GroupedBackbone(FunctionalBackbone, Protocol):
+    """A backbone that also runs T tasks at once, each on its own weights (algo.task_batching=
+    grouped): every weight with a leading task axis [T, ...], images [T, N, C, H, W]."""
+
+    def forward_tasks(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        """[T, N, C, H, W] -> [T, N, classes]; `statistics` [T, channels] each."""
+        ...
+
+    def task_statistics(self, weights: Weights, x: Tensor) -> Statistics:
+        """The statistics of each task's images, [T, channels] each."""
+        ...
