@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_script
-from tests.fixtures.make_reference import RUNS, TEST_EPISODES, train_overrides
+from tests.fixtures.make_reference import RUNS, TEST_EPISODES, machine, train_overrides
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference.json").read_text())
@@ -32,12 +32,25 @@ def test_training_logs_the_same_values_as_before_the_redesign(
         *train_overrides(name, omniglot_root, omniglot_cache),
         f"hydra.run.dir={tmp_path}",
     )
-    want = REFERENCE["runs"][name]
+    recorded_here = REFERENCE["logs"].get(machine())
+    # Without a recording from this machine kind, any machine's agrees through the first update
+    # (train/loss at steps 0 and 1; val/acc comes later, so then only its steps are compared).
+    want = (recorded_here or next(iter(REFERENCE["logs"].values())))[name]
     for tag in ("train/loss", "val/acc"):
         got = logged(tmp_path, tag)
         assert [s for s, _ in got] == [s for s, _ in want[tag]], tag
-        # float32 rounding of a reordered but equal computation, not a change of the maths
-        assert [v for _, v in got] == pytest.approx([v for _, v in want[tag]], rel=1e-5), tag
+        for (step, value), (_, expected) in zip(got, want[tag]):
+            if recorded_here or step <= FIRST_UPDATE_LOGGED:
+                # float32 rounding of a reordered but equal computation, not a change of maths
+                assert value == pytest.approx(expected, rel=1e-5), f"{tag} at step {step}"
+
+
+# The last step whose logged value depends on one meta-update at most. Later values also carry
+# the machine's own float32 rounding (oneDNN picks kernels per CPU), which Adam amplifies: it
+# scales every coordinate of the meta-gradient to about its step size, rounding-level ones
+# included; so the later values are compared with a recording from the same machine kind
+# (tests/fixtures/make_reference.py --logs-only adds one).
+FIRST_UPDATE_LOGGED = 1
 
 
 @pytest.mark.parametrize("name", list(RUNS))
