@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 
@@ -44,10 +43,41 @@ def preprocess(x: Tensor, p: float = PREPROCESS_P) -> Tensor:
     return torch.stack([magnitude, direction], dim=-1)
 
 
-def content_seed(x: Tensor) -> int:
-    """A seed from the bytes of images in [0, 1]: the same images give it on any device."""
-    pixels = (x.detach() * 255).round().to(torch.uint8).cpu().numpy().tobytes()
-    return int.from_bytes(hashlib.sha256(pixels).digest()[:8], "little") >> 1
+def _as_int64(constant: int) -> int:
+    """A 64-bit constant as the signed value an int64 tensor holds."""
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+# SplitMix64's finaliser (Steele et al., "Fast splittable pseudorandom number generators",
+# OOPSLA 2014): int64 tensor arithmetic wraps the same way on every device.
+_MIX = (_as_int64(0xBF58476D1CE4E5B9), _as_int64(0x94D049BB133111EB))
+
+
+def _shift_right(z: Tensor, bits: int) -> Tensor:
+    """A logical right shift of int64 values (torch's `>>` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix(z: Tensor) -> Tensor:
+    """Scramble int64 values into well-spread ones, elementwise, on their device."""
+    z = (z ^ _shift_right(z, 30)) * _MIX[0]
+    z = (z ^ _shift_right(z, 27)) * _MIX[1]
+    return z ^ _shift_right(z, 31)
+
+
+def content_key(x: Tensor) -> Tensor:
+    """A [] int64 key of images in [0, 1], computed where they are, without a host round trip:
+    the same images in the same order give it on any device (integer sums wrap, in any order,
+    to the same value)."""
+    pixels = (x.detach().flatten() * 255).round().to(torch.int64)
+    positions = mix(torch.arange(len(pixels), device=x.device))
+    return mix((pixels + 1) * positions).sum()
+
+
+def permutation(key: Tensor, pass_index: int, n: int) -> Tensor:
+    """A permutation of range(n) [n] that is a function of `key` and `pass_index` alone."""
+    ranks = torch.arange(n, device=key.device) + (key + pass_index * n)
+    return mix(ranks).argsort()
 
 
 class LSTMUpdate(nn.Module):
@@ -95,9 +125,10 @@ class LSTMUpdate(nn.Module):
 class SupportMiniBatches:
     """The support batches of `epochs` passes: the whole set per update when `batch_size` >= the
     set; otherwise a permutation of the set split into ceil(n / batch_size) batches of near-equal
-    size (no short remainder batch for batch norm to normalise poorly). The permutations come
-    from a generator seeded by the support images' bytes, so an episode adapts the same way
-    every time it is seen, while different episodes get different orders."""
+    size (no short remainder batch for batch norm to normalise poorly). The permutations are a
+    function of the support images (`content_key`) and the epoch, computed on their device, so an
+    episode adapts the same way every time it is seen, while different episodes get different
+    orders."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
@@ -108,11 +139,10 @@ class SupportMiniBatches:
             for _ in range(epochs):
                 yield x, y
             return
-        generator = torch.Generator().manual_seed(content_seed(x))
+        key = content_key(x)
         count = math.ceil(n / self.batch_size)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator).to(y.device)
-            for index in order.tensor_split(count):
+        for epoch in range(epochs):
+            for index in permutation(key, epoch, n).tensor_split(count):
                 yield x[index], y[index]
 
 

@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.data.episodes import Episodes
-from fewshot.learners.metalstm import MetaLSTM, SupportMiniBatches, flatten, preprocess, unflatten
+from fewshot.learners.metalstm import (
+    MetaLSTM,
+    SupportMiniBatches,
+    content_key,
+    flatten,
+    permutation,
+    preprocess,
+    unflatten,
+)
 from fewshot.models.conv4 import Conv4
 from tests.conftest import (
     TRANSDUCTIVE,
@@ -206,3 +214,12 @@ def test_frozen_init_leaves_the_backbone_out_of_the_meta_parameters():
     learner = small_metalstm(learn_init=False)
     trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("backbone.") for n in trainable)
+
+
+def test_the_batch_order_key_depends_on_the_images_not_their_float_type():
+    x, _ = separable_task(5)
+    assert content_key(x) == content_key(x.double()) == content_key(x.clone())
+    assert content_key(x) != content_key(x.flip(0))
+    orders = [permutation(content_key(x), epoch, 10) for epoch in range(3)]
+    assert all(sorted(o.tolist()) == list(range(10)) for o in orders)
+    assert not torch.equal(orders[0], orders[1])
