@@ -31,13 +31,16 @@ from tests.conftest import (
     small_trainer,
 )
 
-# (device, precision) -> (absolute tolerance of losses and weights, of accuracies). A query set
-# here is 6 images, so one prediction that flips moves a task's accuracy by 1/6.
+# (device, precision) -> absolute tolerances of (losses, accuracies, weights). A query set here
+# is 6 images, so one prediction that flips moves a task's accuracy by 1/6. The weights' bound is
+# Adam's: its first updates are about meta_lr * sign(gradient), and a gradient that is rounding
+# noise (a convolution's bias before batch norm, whose true gradient is 0) can take the other
+# sign on another device, a difference of up to 2 * meta_lr (1e-3) per step.
 TOLERANCE = {
-    ("cpu", "32-true"): (0.0, 0.0),
-    ("cpu", "bf16-mixed"): (0.0, 0.0),
-    ("cuda", "32-true"): (1e-4, 1 / 6 + 1e-6),
-    ("cuda", "bf16-mixed"): (5e-2, 2 / 6 + 1e-6),
+    ("cpu", "32-true"): (0.0, 0.0, 0.0),
+    ("cpu", "bf16-mixed"): (0.0, 0.0, 0.0),
+    ("cuda", "32-true"): (1e-3, 1 / 6 + 1e-6, 2e-3 * 4),
+    ("cuda", "bf16-mixed"): (5e-2, 2 / 6 + 1e-6, 2e-3 * 4),
 }
 # The step's switches, each one case: (learner, task batching, compiled evaluation, settings).
 CASES = {
@@ -121,14 +124,14 @@ def reference(case: str, precision: str) -> Outcome:
 
 
 def assert_close(got: Outcome, want: Outcome, device: str, precision: str) -> None:
-    atol, acc_atol = TOLERANCE[(device, precision)]
+    atol, acc_atol, weight_atol = TOLERANCE[(device, precision)]
     assert len(got.train_loss) == len(want.train_loss)
     torch.testing.assert_close(got.train_loss, want.train_loss, atol=atol, rtol=0)
     torch.testing.assert_close(got.val[:, 0], want.val[:, 0], atol=atol, rtol=0)
     torch.testing.assert_close(got.val[:, 1], want.val[:, 1], atol=acc_atol, rtol=0)
     torch.testing.assert_close(got.test_acc, want.test_acc, atol=acc_atol, rtol=0)
     for name, weight in want.weights.items():
-        torch.testing.assert_close(got.weights[name], weight, atol=atol, rtol=0, msg=name)
+        torch.testing.assert_close(got.weights[name], weight, atol=weight_atol, rtol=0, msg=name)
 
 
 @pytest.fixture
