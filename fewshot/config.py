@@ -93,6 +93,7 @@ RULES: dict[str, Rule] = {
     ),
     "data.image_size": int_at_least(1),
     "data.workers": int_at_least(0),
+    "data.on_device": ((lambda v: isinstance(v, bool) or v == "auto"), "true, false or auto"),
 }
 
 # Settings that cannot run together: (setting, setting, how they clash, why, what to do).

@@ -13,7 +13,7 @@ from pytorch_lightning.strategies import ParallelStrategy
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
-from fewshot.data.episodes import Episodes
+from fewshot.data.episodes import EpisodeIndices, Episodes
 from fewshot.learners import EpisodeResults, Learner, run_tasks
 from fewshot.learners.tasks import TaskScorer
 
@@ -41,7 +41,12 @@ class EpisodicModule(pl.LightningModule):
         self.automatic_optimization = False
         self.test_accuracies: list[Tensor] = []
 
-    def on_after_batch_transfer(self, batch: Episodes, dataloader_idx: int) -> Episodes:
+    def on_after_batch_transfer(
+        self, batch: Episodes | EpisodeIndices, dataloader_idx: int
+    ) -> Episodes:
+        # With data.on_device only the indices travel; the images are on the device already.
+        if isinstance(batch, EpisodeIndices):
+            batch = self.trainer.datamodule.gather(batch)
         # Images travel as uint8 (4x less to copy) and become floats in [0, 1] on the device.
         return batch._replace(support_x=batch.support_x / 255.0, query_x=batch.query_x / 255.0)
 
@@ -89,10 +94,15 @@ class EpisodicModule(pl.LightningModule):
         # The accuracy after every inner step costs a query pass each: only where it is logged.
         results = run_tasks(self.tasks, batch, training=False, track_steps=self.logger is not None)
         self._log_results("test", results)
-        self.test_accuracies.append(results.accuracy.cpu())
+        self.test_accuracies.append(results.accuracy.detach())  # on the device: no sync per step
 
     def on_test_epoch_start(self) -> None:
         self.test_accuracies = []  # accuracy of every test episode [episodes], for the CI
+
+    def on_test_epoch_end(self) -> None:
+        # One copy to the host for the whole test, where the CI is computed.
+        if self.test_accuracies:
+            self.test_accuracies = [torch.cat(self.test_accuracies).cpu()]
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.meta_lr)

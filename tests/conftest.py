@@ -574,3 +574,74 @@ def cross_entropy_grad_and_hessian(W, x, y):
         for pi, xi in zip(p, x)
     )
     return grad, hessian / len(x)
+
+
+# The GPU path (#18): tests marked `gpu` run on CUDA and skip elsewhere; most are the same test
+# body run on every device of DEVICES, so the CPU run exercises the code path in CI.
+NO_CUDA = "no CUDA device here (torch.cuda.is_available() is false): pytest -m gpu on a GPU"
+ON_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)]
+DEVICES = ["cpu", pytest.param("cuda", marks=ON_CUDA)]
+
+
+@pytest.fixture
+def cuda_device() -> torch.device:
+    """The CUDA device; skips the test where there is none."""
+    if not torch.cuda.is_available():
+        pytest.skip(NO_CUDA)
+    return torch.device("cuda")
+
+
+def random_classes(num_classes: int, per_class: int = 8, size: int = 12, seed: int = 0):
+    """Random uint8 grey images [num_classes, per_class, 1, size, size] as a class split."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (num_classes, per_class, 1, size, size), generator=g)
+    return ClassImages(images.to(torch.uint8), [f"class{c}" for c in range(num_classes)])
+
+
+def small_datamodule(on_device: bool | str = False, meta_batch_size: int = 2):
+    """An EpisodeDataModule of 3-way 2-shot 2-query tasks on random 12 px images (for
+    small_backbone), 2 validation and 2 test episodes, no files read."""
+    from fewshot.data.datamodule import EpisodeDataModule
+
+    data = OmegaConf.create({"workers": 0, "on_device": on_device})
+    datamodule = EpisodeDataModule(data, 3, 2, 2, meta_batch_size, 2, 2, seed=0)
+    datamodule.splits = {
+        "train": random_classes(10, seed=1),
+        "val": random_classes(6, seed=2),
+        "test": random_classes(6, seed=3),
+    }
+    return datamodule
+
+
+def small_module(name: str, batching: str = "loop", compiled: bool = False, **settings):
+    """An EpisodicModule on a small learner (see `small`), meta_lr 1e-3, no clipping."""
+    from fewshot.learners import task_scorer
+    from fewshot.module import EpisodicModule
+
+    learner, _ = small(name, **settings)
+    return EpisodicModule(learner, task_scorer(learner, batching, compiled), 1e-3, None, {})
+
+
+def small_trainer(accelerator: str, max_steps: int = 3, **options) -> pl.Trainer:
+    """A Trainer as train.py's (manual steps, validation by step count, the divergence guard)
+    without files: validates every 2 steps."""
+    from fewshot.divergence import StopOnNonFinite
+
+    settings = dict(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+    )
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=max_steps,
+        check_val_every_n_epoch=None,
+        inference_mode=False,
+        callbacks=[StopOnNonFinite("lower algo.meta_lr")],
+        **{**settings, **options},
+    )

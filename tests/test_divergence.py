@@ -37,18 +37,44 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(quick_override
     assert all(torch.isfinite(t).all() for t in tensors)
 
 
-def test_a_non_finite_gradient_is_caught_before_the_optimiser_step(tmp_path):
+def test_a_non_finite_gradient_is_recorded_on_the_device_and_stops_the_next_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 2)
     model.weight.grad = torch.tensor([[0.0, float("inf")], [0.0, 0.0]])
     model.bias.grad = torch.zeros(2)
     latest = LatestCheckpoint(tmp_path / "last.ckpt")
     trainer = SimpleNamespace(global_step=7, callbacks=[latest])
     guard = StopOnNonFinite(divergence_hint(OmegaConf.create({"meta_lr": 1e-3})))
+    guard.on_before_optimizer_step(trainer, model, optimizer=None)  # records, does not sync
+    model.weight.grad.zero_()
+    trainer.global_step = 8
+    guard.on_before_optimizer_step(trainer, model, optimizer=None)  # finite: the first stays
     with pytest.raises(TrainingDiverged) as caught:
-        guard.on_before_optimizer_step(trainer, model, optimizer=None)
+        guard.on_save_checkpoint(trainer, model, {})
     assert str(caught.value) == (
         "training diverged at step 8: the meta-gradient of weight is not finite; "
         "no checkpoint was written before it; lower algo.meta_lr=0.001"
     )
-    model.weight.grad.zero_()
-    guard.on_before_optimizer_step(trainer, model, optimizer=None)  # finite: no complaint
+
+
+def test_finite_steps_pass_every_check():
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad, model.bias.grad = torch.ones(2, 2), torch.ones(2)
+    trainer = SimpleNamespace(global_step=3, callbacks=[], log_every_n_steps=1)
+    guard = StopOnNonFinite("lower algo.meta_lr")
+    guard.on_before_backward(trainer, model, torch.tensor(0.5))
+    guard.on_before_optimizer_step(trainer, model, optimizer=None)
+    guard.on_train_batch_end(trainer, model, None, None, 0)
+    guard.on_validation_start(trainer, model)
+    guard.on_save_checkpoint(trainer, model, {})
+
+
+def test_a_non_finite_meta_loss_is_named_with_its_value_at_the_logging_step():
+    model = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(global_step=4, callbacks=[], log_every_n_steps=5)
+    guard = StopOnNonFinite("lower algo.meta_lr")
+    guard.on_before_backward(trainer, model, torch.tensor(0.5))
+    guard.on_before_backward(trainer, model, torch.tensor(float("inf")))
+    guard.on_train_batch_end(trainer, model, None, None, 0)  # step 4: Lightning does not log
+    trainer.global_step = 5
+    with pytest.raises(TrainingDiverged, match="at step 5: the meta-loss is inf; no checkpoint"):
+        guard.on_train_batch_end(trainer, model, None, None, 0)

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from fewshot.config import check_episode_fits
-from fewshot.data.episodes import ClassImages, FixedEpisodes, MetaBatchStream, stack_tasks
+from fewshot.data.episodes import (
+    ClassImages,
+    EpisodeIndices,
+    Episodes,
+    FixedEpisodes,
+    MetaBatchStream,
+    gather_episodes,
+    stack_indices,
+    stack_tasks,
+)
 from fewshot.errors import instantiate
 
-# `data` keys the backbone (channels) and the reports (name) read; the others are the arguments
-# of the loader `data._target_` names (`workers` also sets the episode loader's processes).
-NOT_LOADER_KEYS = ("name", "channels")
+# `data` keys the backbone (channels), the reports (name) and the datamodule (on_device) read;
+# the others are the arguments of the loader `data._target_` names (`workers` also sets the
+# episode loader's processes).
+NOT_LOADER_KEYS = ("name", "channels", "on_device")
+# data.on_device=auto keeps the images on a CUDA device when all splits take at most this share
+# of its free memory: the rest is the learner's (second-order MAML's graph is the large part).
+ON_DEVICE_SHARE = 0.25
 
 
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
@@ -40,6 +55,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.meta_batch_size, self.seed = meta_batch_size, seed
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.splits: dict[str, ClassImages] | None = None
+        self.device_images: dict[str, Tensor] = {}  # split -> [classes * per_class, C, H, W]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
@@ -51,6 +67,33 @@ class EpisodeDataModule(pl.LightningDataModule):
                 check_episode_fits(
                     classes.num_classes, classes.per_class, split, self.way, self.shot, self.query
                 )
+
+    def images_on_device(self, device: torch.device) -> bool:
+        """Whether the episodes are gathered on `device` from images moved there once
+        (`data.on_device`: true, false, or auto: on CUDA where they fit, see ON_DEVICE_SHARE)
+        rather than gathered on the CPU and copied to it every batch."""
+        setting = self.data.get("on_device", False)
+        if setting != "auto":
+            return setting
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        size = sum(c.images.nbytes for c in self.splits.values())
+        return size <= ON_DEVICE_SHARE * free
+
+    def _indices_only(self) -> bool:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer else torch.device("cpu")
+        return self.images_on_device(device)
+
+    def gather(self, batch: EpisodeIndices) -> Episodes:
+        """The episodes `batch` names, gathered where its indices are (after the transfer to
+        the device); each split's images go there on first use, once."""
+        images = self.device_images.get(batch.split)
+        if images is None or images.device != batch.support.device:
+            images = self.splits[batch.split].images.flatten(0, 1).to(batch.support.device)
+            self.device_images[batch.split] = images
+        return gather_episodes(images, batch)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -65,14 +108,24 @@ class EpisodeDataModule(pl.LightningDataModule):
             # A resumed run continues the stream where it stopped.
             start=trainer.global_step if trainer else 0,
             rank=trainer.global_rank if trainer else 0,
+            indices_only=self._indices_only(),
         )
         return DataLoader(stream, batch_size=None, num_workers=self.data.workers)
 
     def _fixed(self, split: str, count: int) -> DataLoader:
+        indices_only = self._indices_only()
         episodes = FixedEpisodes(
-            self.splits[split], split, self.way, self.shot, self.query, count, self.seed
+            self.splits[split],
+            split,
+            self.way,
+            self.shot,
+            self.query,
+            count,
+            self.seed,
+            indices_only=indices_only,
         )
-        return DataLoader(episodes, batch_size=self.meta_batch_size, collate_fn=stack_tasks)
+        collate = stack_indices if indices_only else stack_tasks
+        return DataLoader(episodes, batch_size=self.meta_batch_size, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed("val", self.val_episodes)

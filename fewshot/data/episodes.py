@@ -2,6 +2,8 @@
 
 Every task is a pure function of (seed, split, index), so validation and test episodes are
 identical across runs, algorithms and checkpoints, and training resumes on the same stream.
+The indices of a task are drawn on the CPU; its images are gathered there (`Episodes`) or, with
+the images kept on the accelerator, after the indices reach it (`EpisodeIndices`).
 """
 
 from __future__ import annotations
@@ -51,24 +53,60 @@ def episode_generator(seed: int, *key: object) -> torch.Generator:
     return torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:15], 16))
 
 
-def sample_task(
-    classes: ClassImages, way: int, shot: int, query: int, generator: torch.Generator
-) -> Episodes:
-    """One task without a tasks dimension: `way` classes, `shot + query` distinct images each."""
+class EpisodeIndices(NamedTuple):
+    """A meta-batch of tasks as positions in its split's images flattened to
+    [classes * per_class, C, H, W]: `gather_episodes` turns it into `Episodes` where the images
+    are. support [tasks, way*shot] and query [tasks, way*query] int64; the labels as in
+    `Episodes`. `split` names the images ("train", "val", "test")."""
+
+    split: str
+    support: Tensor
+    support_y: Tensor
+    query: Tensor
+    query_y: Tensor
+
+
+def sample_indices(
+    classes: ClassImages, split: str, way: int, shot: int, query: int, generator: torch.Generator
+) -> EpisodeIndices:
+    """One task's indices without a tasks dimension: `way` classes, `shot + query` distinct
+    images each, as flat positions in the split's images."""
     chosen = torch.randperm(classes.num_classes, generator=generator)[:way]  # position = label
     order = torch.rand(way, classes.per_class, generator=generator).argsort(dim=1)
-    images = classes.images[chosen[:, None], order[:, : shot + query]]  # [way, shot+query, C,H,W]
+    flat = chosen[:, None] * classes.per_class + order[:, : shot + query]  # [way, shot+query]
     labels = torch.arange(way)
-    return Episodes(
-        images[:, :shot].flatten(0, 1),
+    return EpisodeIndices(
+        split,
+        flat[:, :shot].flatten(),
         labels.repeat_interleave(shot),
-        images[:, shot:].flatten(0, 1),
+        flat[:, shot:].flatten(),
         labels.repeat_interleave(query),
     )
 
 
+def gather_episodes(images: Tensor, indices: EpisodeIndices) -> Episodes:
+    """The tasks `indices` names, from `images` [classes * per_class, C, H, W] on any device
+    (the indices on the same one); a gather, with no sync to the host."""
+    return Episodes(
+        images[indices.support], indices.support_y, images[indices.query], indices.query_y
+    )
+
+
+def sample_task(
+    classes: ClassImages, way: int, shot: int, query: int, generator: torch.Generator
+) -> Episodes:
+    """One task without a tasks dimension: `way` classes, `shot + query` distinct images each."""
+    indices = sample_indices(classes, "", way, shot, query, generator)
+    return gather_episodes(classes.images.flatten(0, 1), indices)
+
+
 def stack_tasks(tasks: list[Episodes]) -> Episodes:
     return Episodes(*(torch.stack(field) for field in zip(*tasks)))
+
+
+def stack_indices(tasks: list[EpisodeIndices]) -> EpisodeIndices:
+    split, *fields = zip(*tasks)
+    return EpisodeIndices(split[0], *(torch.stack(field) for field in fields))
 
 
 class MetaBatchStream(IterableDataset):
@@ -84,18 +122,23 @@ class MetaBatchStream(IterableDataset):
         seed: int,
         start: int = 0,
         rank: int = 0,
+        indices_only: bool = False,
     ) -> None:
         self.classes, self.way, self.shot, self.query = classes, way, shot, query
         self.tasks, self.seed, self.start, self.rank = tasks, seed, start, rank
+        self.indices_only = indices_only  # yield EpisodeIndices, gathered on the device
 
-    def batch(self, step: int) -> Episodes:
+    def indices(self, step: int) -> EpisodeIndices:
         g = episode_generator(self.seed, "train", self.rank, step)
-        return stack_tasks(
+        return stack_indices(
             [
-                sample_task(self.classes, self.way, self.shot, self.query, g)
+                sample_indices(self.classes, "train", self.way, self.shot, self.query, g)
                 for _ in range(self.tasks)
             ]
         )
+
+    def batch(self, step: int) -> Episodes:
+        return gather_episodes(self.classes.images.flatten(0, 1), self.indices(step))
 
     def __iter__(self):
         # With W loader workers, worker w yields steps w, w + W, ...: the loader's round-robin
@@ -104,7 +147,7 @@ class MetaBatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         step = self.start + worker
         while True:
-            yield self.batch(step)
+            yield self.indices(step) if self.indices_only else self.batch(step)
             step += workers
 
 
@@ -120,15 +163,20 @@ class FixedEpisodes(Dataset):
         query: int,
         count: int,
         seed: int,
+        indices_only: bool = False,
     ) -> None:
         self.classes, self.split, self.way, self.shot, self.query = classes, split, way, shot, query
         self.count, self.seed = count, seed
+        self.indices_only = indices_only  # yield EpisodeIndices, gathered on the device
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> Episodes:
+    def __getitem__(self, index: int) -> Episodes | EpisodeIndices:
         if not 0 <= index < self.count:
             raise IndexError(index)
         g = episode_generator(self.seed, self.split, self.way, self.shot, self.query, index)
-        return sample_task(self.classes, self.way, self.shot, self.query, g)
+        indices = sample_indices(self.classes, self.split, self.way, self.shot, self.query, g)
+        if self.indices_only:
+            return indices
+        return gather_episodes(self.classes.images.flatten(0, 1), indices)
