@@ -46,7 +46,8 @@ TOLERANCE = {
 CASES = {
     "maml": ("maml", "loop", False, {}),
     "metalstm": ("metalstm", "loop", False, {}),
-    "maml-vmap_tasks": ("maml", "vmap", False, {}),
+    "maml-vmap": ("maml", "vmap", False, {}),
+    "maml-grouped": ("maml", "grouped", False, {}),
     "maml-checkpoint_inner": ("maml", "loop", False, {"checkpoint_inner": True}),
     "maml-compiled_evaluation": ("maml", "loop", True, {}),
     "mamlpp": ("mamlpp", "loop", False, {"lslr": True, "per_step_norm": True}),

@@ -32,19 +32,17 @@ HOST_READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int_
 # training_step: manual optimisation calls them from manual_backward and optimizer.step).
 STEP_HOOKS = ("on_after_batch_transfer", "training_step", "validation_step", "test_step")
 
-METALSTM_SYNCS = pytest.mark.xfail(
-    strict=True, reason="content_seed hashes support bytes on the host: #18, lead"
-)
 # Every MAML-family learner, with the settings that change its step's code path.
 LEARNERS = [
     pytest.param("maml", "loop", {}, id="maml"),
-    pytest.param("maml", "vmap", {}, id="maml-vmap_tasks"),
+    pytest.param("maml", "vmap", {}, id="maml-vmap"),
+    pytest.param("maml", "grouped", {}, id="maml-grouped"),
     pytest.param("maml", "loop", {"checkpoint_inner": True}, id="maml-checkpoint_inner"),
     pytest.param("maml", "loop", {"first_order": True}, id="maml-first_order"),
     pytest.param("anil", "loop", {}, id="anil"),
     pytest.param("metasgd", "loop", {}, id="metasgd"),
     pytest.param("mamlpp", "loop", {"lslr": True, "per_step_norm": True}, id="mamlpp"),
-    pytest.param("metalstm", "loop", {}, id="metalstm", marks=METALSTM_SYNCS),
+    pytest.param("metalstm", "loop", {}, id="metalstm"),
 ]
 
 
@@ -146,23 +144,12 @@ def test_the_counter_catches_a_host_read_in_a_step(monkeypatch):
     assert [method for _, method in reads.reads] == ["__bool__", "__float__"]
 
 
-# MAML++'s multi-step loss weights are built on the host and copied to the device every step.
-MAMLPP_COPIES = pytest.mark.xfail(
-    strict=True,
-    reason="learners/tasks.py:79 copies mamlpp.py:27's host tensor to the device per step: #18",
-)
-GPU_LEARNERS = [
-    pytest.param(*p.values, id=p.id, marks=MAMLPP_COPIES) if p.id == "mamlpp" else p
-    for p in LEARNERS
-]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize(("name", "batching", "settings"), GPU_LEARNERS)
+@pytest.mark.parametrize(("name", "batching", "settings"), LEARNERS)
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"], ids=["fp32", "bf16"])
 def test_no_step_syncs_with_the_cuda_device(name, batching, settings, precision, cuda_device):
     if precision == "bf16-mixed" and batching == "vmap":
-        pytest.skip("bf16-mixed cannot run with algo.vmap_tasks (fewshot.config EXCLUSIVE)")
+        pytest.skip("bf16-mixed cannot run with algo.task_batching=vmap (fewshot.config EXCLUSIVE)")
     pl.seed_everything(0, verbose=False)
     module = small_module(name, batching, **settings)
     # One task a batch: two validation and two test batches, so every hook runs more than once.

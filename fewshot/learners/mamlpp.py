@@ -78,6 +78,16 @@ class MAMLPlusPlus(MAML):
             per_step_norm=per_step_norm,
         )
         self.msl_iterations = msl_iterations
+        # Every annealed iteration's weights, made once: a buffer moves with the learner to its
+        # device, so a step reads its row there instead of copying new weights from the host.
+        table = [
+            multi_step_loss_weights(inner_steps, i, msl_iterations) for i in range(msl_iterations)
+        ]
+        self.register_buffer(
+            "msl_weights",
+            torch.stack(table) if table else torch.empty(0, inner_steps, dtype=torch.float64),
+            persistent=False,  # a function of the settings: checkpoints hold none
+        )
 
     def step_rule(self, adapted: Weights, base_lr: float, steps: int) -> UpdateRule:
         if self.lslr:
@@ -87,4 +97,4 @@ class MAMLPlusPlus(MAML):
     def step_loss_weights(self, iteration: int) -> Tensor | None:
         if self.msl_iterations == 0 or iteration >= self.msl_iterations:
             return None
-        return multi_step_loss_weights(self.steps, iteration, self.msl_iterations)
+        return self.msl_weights[iteration]
