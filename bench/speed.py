@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import statistics
 import sys
@@ -411,7 +412,13 @@ def in_child(target, *args):
     out = context.Queue()
     child = context.Process(target=target, args=(*args, out))
     child.start()
-    result = out.get()
+    while True:
+        try:
+            result = out.get(timeout=1)
+            break
+        except queue.Empty:
+            if not child.is_alive() and out.empty():  # it failed: its traceback is above
+                raise SystemExit(f"error: {target.__name__} exited with {child.exitcode}") from None
     child.join()
     return result
 
