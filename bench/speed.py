@@ -1,39 +1,66 @@
-"""Speed and memory of fewshot's meta-learning workloads against the best existing implementations.
+"""Speed and memory of fewshot's meta-learning workloads beside a plain implementation, measured
+in the same run.
 
-    OMP_NUM_THREADS=1 python bench/speed.py [--threads 1] [--iters 10] [--only maml_omniglot_5w1s]
-        [--vmap] [--compile]    # also the MAML rows with algo.vmap_tasks / every row compiled
-        [--bf16]                # also every row under bfloat16 autocast
+    OMP_NUM_THREADS=1 python -m bench.speed [--threads 1] [--iters 3] [--rounds 3]
+        [--only maml_omniglot_5w1s] [--batching loop vmap]   # default: every TASK_BATCHING
+        [--compile] [--bf16]    # also every row with algo.compile / under bfloat16 autocast
+        [--device cuda]         # default cpu
+        [--memory-steps 1 5 10 20] [--memory-only]
 
-Every workload runs in a fresh child process (so peak RSS is its own) on synthetic inputs of the
-paper's shapes, and prints median seconds per meta-iteration and per test episode, peak RSS, the
-ratio to the reference figures (measured on this machine kind: 2-core CPU, 1 torch thread,
-torch 2.15), the FLOP/s it reaches, and the machine's dense conv forward+backward FLOP/s on the
-same layer shapes. Then second-order MAML's peak memory by inner steps, with and without
-algo.checkpoint_inner, and its cost in time (`--memory-only`: this report alone).
+Run it as a module from the repository root (`python -m`): a script path would import the
+installed fewshot, not the checkout's.
+
+Each workload (synthetic inputs of the paper's shapes) is run by its reference
+(bench/reference.py: the same mathematics written the usual way, task by task) and by fewshot
+with each task batching of fewshot.learners.TASK_BATCHING. Every measurement is a fresh child
+process (so its peak memory is its own), and the children alternate: `--rounds` rounds of
+reference, then fewshot in each batching, the order reversed every other round, so that load from
+other processes falls on all of them alike. A child times `--iters` meta-iterations and test
+episodes (after two of each as warm-up) and reports their medians and its peak memory. The ratio
+printed for a batching is the median over rounds of (that round's reference time / its time):
+above 1, fewshot is faster. Peak memory is the median over rounds of the child's peak RSS on CPU
+(so it includes the interpreter and torch), of torch.cuda.max_memory_allocated on CUDA.
+
+On CUDA every timing is bracketed by torch.cuda.synchronize, and the utilisation is the device's
+busy time in one more meta-iteration (test episode), run under torch.profiler (the union of its
+kernels' and copies' intervals on the device), over the median wall time of the unprofiled ones.
+
+Then second-order MAML's peak memory by inner steps, with and without algo.checkpoint_inner, and
+its cost in time (fewshot's loop only; `--memory-only`: this report alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import platform
+import queue
 import resource
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.utils.flop_counter import FlopCounterMode
+from torch.autograd import DeviceType
 
-from fewshot.config import group_option, learner_from
+from bench import reference
+from fewshot.config import EXCLUSIVE, backbone_config, group_option, learner_from
 from fewshot.data.episodes import Episodes
-from fewshot.learners import TaskLoop, VmappedTasks, plain_backward, run_tasks
+from fewshot.errors import ConfigError
+from fewshot.learners import TASK_BATCHING, plain_backward, run_tasks, task_scorer
 from fewshot.learners.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
 
+REFERENCE = "reference"
 
-@dataclass
+
+@dataclass(frozen=True)
 class Workload:
     name: str
     algo: dict
@@ -44,7 +71,6 @@ class Workload:
     tasks: int
     image_size: int
     in_channels: int
-    reference: dict = field(default_factory=dict)  # s_train, s_test, rss_gb of the best other code
     compile: bool = False  # algo.compile: torch.compile evaluation's passes
     bf16: bool = False  # trainer.precision=bf16-mixed: bfloat16 autocast
 
@@ -77,7 +103,6 @@ WORKLOADS = [
         32,
         28,
         1,
-        {"s_train": 3.02, "s_test": 0.051, "rss_gb": 0.98, "by": "learn2learn"},
     ),
     Workload(
         "maml_omniglot_20w1s",
@@ -89,7 +114,6 @@ WORKLOADS = [
         16,
         28,
         1,
-        {"s_train": 4.19, "s_test": 0.128, "by": "learn2learn"},
     ),
     Workload(
         "maml_miniimagenet_5w1s",
@@ -101,7 +125,6 @@ WORKLOADS = [
         4,
         84,
         3,
-        {"s_train": 4.54, "s_test": 0.68, "by": "learn2learn"},
     ),
     Workload(
         "metalstm_miniimagenet_5w5s",
@@ -121,151 +144,314 @@ WORKLOADS = [
         1,
         84,
         3,
-        {"s_train": 2.05, "s_test": 1.50, "rss_gb": 2.1, "by": "Meta-LSTM PyTorch port"},
     ),
 ]
 
 
-def build(workload: Workload) -> TaskScorer:
+def config_refusal(workload: Workload, batching: str) -> str | None:
+    """Why fewshot.config would refuse to run the workload with this batching, if it would."""
+    cfg = OmegaConf.create(
+        {
+            "algo": {
+                **workload.algo,
+                "vmap_tasks": batching == "vmap",
+                "compile": workload.compile,
+            },
+            "backbone": workload.backbone,
+            "trainer": {"precision": "bf16-mixed" if workload.bf16 else "32-true"},
+        }
+    )
+    for (a, a_value), (b, b_value), clash, why, _ in EXCLUSIVE:
+        if OmegaConf.select(cfg, a) == a_value and OmegaConf.select(cfg, b) == b_value:
+            a_text, b_text = (f"{k}={str(v).lower()}" for k, v in ((a, a_value), (b, b_value)))
+            return f"{a_text} {clash} {b_text} ({why})"
+    return None
+
+
+def build(workload: Workload, batching: str) -> TaskScorer:
     """The workload's learner, in the task scorer train.py would build for it."""
+    refusal = config_refusal(workload, batching)
+    if refusal:
+        raise ConfigError(refusal)
     torch.manual_seed(0)
     algo = OmegaConf.merge(group_option("algo", workload.algo["name"]), workload.algo)
-    settings = dict(workload.backbone)
-    if algo.get("vmap_tasks") and settings.get("channels_last") == "auto":
-        settings["channels_last"] = False  # as fewshot.config.backbone_config resolves it
+    # As train.py resolves the backbone's `auto` layout for this batching.
+    settings = backbone_config(
+        OmegaConf.create(
+            {"algo": {"vmap_tasks": batching == "vmap"}, "backbone": workload.backbone}
+        )
+    )
     backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **settings)
-    learner = learner_from(algo, backbone)
-    if algo.get("vmap_tasks"):
-        return VmappedTasks(learner)
-    return TaskLoop(learner, compiled=workload.compile)
+    return task_scorer(learner_from(algo, backbone), batching, workload.compile)
 
 
-def episodes(workload: Workload, tasks: int) -> Episodes:
+def reference_net(workload: Workload) -> reference.ConvNet:
+    """The reference's net of the workload's shape, batch norm as its learner needs."""
+    settings = {k: v for k, v in workload.backbone.items() if k != "channels_last"}
+    support = workload.algo["batch_norm_test"] == "support"
+    torch.manual_seed(0)
+    return reference.ConvNet(
+        workload.in_channels,
+        workload.image_size,
+        workload.way,
+        **settings,
+        support_statistics=support,
+    )
+
+
+def episodes(workload: Workload, tasks: int, device: torch.device) -> Episodes:
     g = torch.Generator().manual_seed(0)
     shape = (workload.in_channels, workload.image_size, workload.image_size)
     labels = torch.arange(workload.way)
-    return Episodes(
+    batch = Episodes(
         torch.rand(tasks, workload.way * workload.shot, *shape, generator=g),
         labels.repeat_interleave(workload.shot).expand(tasks, -1),
         torch.rand(tasks, workload.way * workload.query, *shape, generator=g),
         labels.repeat_interleave(workload.query).expand(tasks, -1),
     )
+    return Episodes(*(t.to(device) for t in batch))
 
 
-def median_seconds(fn, iters: int, warmup: int = 2) -> float:
+Step = Callable[[], object]
+
+
+def fewshot_steps(workload: Workload, batching: str, device: torch.device) -> tuple[Step, Step]:
+    """fewshot's meta-iteration (as EpisodicModule.training_step runs it, without clipping) and
+    test episode for the workload."""
+    tasks = build(workload, batching)
+    tasks.learner.to(device)
+    optimizer = torch.optim.Adam(tasks.learner.parameters(), lr=1e-3)
+    train_batch, test_batch = (
+        episodes(workload, workload.tasks, device),
+        episodes(workload, 1, device),
+    )
+
+    def meta_iteration():
+        optimizer.zero_grad()
+        run_tasks(tasks, train_batch, training=True, backward=plain_backward)
+        optimizer.step()
+
+    def test_episode():
+        with torch.no_grad():
+            run_tasks(tasks, test_batch, training=False)
+
+    return meta_iteration, test_episode
+
+
+def reference_steps(workload: Workload, device: torch.device) -> tuple[Step, Step]:
+    """The reference's meta-iteration and test episode for the workload."""
+    algo, net = workload.algo, reference_net(workload).to(device)
+    train_batch, test_batch = (
+        episodes(workload, workload.tasks, device),
+        episodes(workload, 1, device),
+    )
+    support_x, support_y, query_x, query_y = (t[0] for t in test_batch)
+    if algo["name"] == "maml" and algo["batch_norm_test"] == "transductive":
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        settings = (algo["base_lr"], algo["inner_steps"], algo["first_order"])
+
+        def meta_iteration():
+            optimizer.zero_grad()
+            reference.maml_backward(net, *train_batch, *settings)
+            optimizer.step()
+
+        def test_episode():
+            with torch.no_grad():
+                logits = reference.maml_test_episode(
+                    net, support_x, support_y, query_x, algo["base_lr"], algo["inner_steps_test"]
+                )
+                F.cross_entropy(logits, query_y)
+
+        return meta_iteration, test_episode
+    if algo["name"] == "metalstm" and algo["inner_batch_size"] >= workload.way * workload.shot:
+        meta = reference.MetaLearner(algo["hidden_size"]).to(device)
+        net.requires_grad_(algo["learn_init"])
+        meta_parameters = [p for p in (*net.parameters(), *meta.parameters()) if p.requires_grad]
+        optimizer = torch.optim.Adam(meta_parameters, lr=1e-3)
+
+        def meta_iteration():
+            optimizer.zero_grad()
+            reference.metalstm_backward(net, meta, *train_batch, algo["inner_epochs"])
+            optimizer.step()
+
+        def test_episode():
+            with torch.no_grad():
+                logits = reference.metalstm_test_episode(
+                    net, meta, support_x, support_y, query_x, algo["inner_epochs"]
+                )
+                F.cross_entropy(logits, query_y)
+
+        return meta_iteration, test_episode
+    raise ConfigError(f"bench/reference.py has no implementation of {workload.name}'s settings")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Step, iters: int, device: torch.device, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        synchronize(device)
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def conv_throughput(workload: Workload, images: int) -> float:
-    """Plain forward+backward FLOP/s of the workload's backbone on a batch of `images`."""
-    net = Conv4(workload.in_channels, workload.image_size, workload.way, **workload.backbone)
-    x = torch.rand(images, workload.in_channels, workload.image_size, workload.image_size)
-
-    def step():
-        net.zero_grad()
-        net(x).sum().backward()
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / median_seconds(step, 5)
-
-
-def measure(workload: Workload, iters: int, threads: int, out: mp.Queue) -> None:
-    torch.set_num_threads(threads)
-    tasks = build(workload)
-    optimizer = torch.optim.Adam(tasks.learner.parameters(), lr=1e-3)
-    train_batch, test_batch = episodes(workload, workload.tasks), episodes(workload, 1)
-
-    # As Lightning runs steps under trainer.precision=bf16-mixed (the optimiser step outside).
-    autocast = partial(torch.autocast, "cpu", torch.bfloat16, enabled=workload.bf16)
-
-    def meta_iteration():  # as EpisodicModule.training_step runs it
-        optimizer.zero_grad()
-        with autocast():
-            run_tasks(tasks, train_batch, training=True, backward=plain_backward)
-        optimizer.step()
-
-    def test_episode():
-        with torch.no_grad(), autocast():
-            run_tasks(tasks, test_batch, training=False)
-
-    s_train = median_seconds(meta_iteration, iters)
-    start = time.perf_counter()
-    test_episode()  # compiles, with algo.compile
-    s_first_test = time.perf_counter() - start
-    s_test = median_seconds(test_episode, iters)
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the probes below
-    with FlopCounterMode(display=False) as counter:
-        meta_iteration()
-    # The dense reference runs one task's images at once: the granularity the workload runs at.
-    task_images = workload.way * (workload.shot + workload.query)
-    out.put(
-        {
-            "s_train": s_train,
-            "s_test": s_test,
-            "flops_per_s": counter.get_total_flops() / s_train,
-            "dense_flops_per_s": conv_throughput(workload, task_images),
-            "rss_gb": rss_gb,
-            "s_first_test": s_first_test,
-        }
+def busy_seconds(fn: Step, device: torch.device) -> float:
+    """Seconds the device spends running kernels and copies during `fn()`: the union of their
+    intervals, as torch.profiler records them."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        fn()
+        synchronize(device)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in profile.events()
+        if e.device_type == DeviceType.CUDA
     )
+    busy, reached = 0.0, float("-inf")
+    for start, end in spans:  # microseconds
+        if end > reached:
+            busy += end - max(start, reached)
+            reached = end
+    return busy / 1e6
 
 
-def measure_memory(workload: Workload, threads: int, out: mp.Queue) -> None:
-    """Peak RSS growth over the built model during three meta-iterations, and their median time."""
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@dataclass(frozen=True)
+class Run:
+    """One child's measurement: `implementation` is REFERENCE or a TASK_BATCHING name."""
+
+    workload: Workload
+    implementation: str
+    iters: int
+    threads: int
+    device: str
+
+
+def measure(run: Run, out: mp.Queue) -> None:
+    torch.set_num_threads(run.threads)
+    device, workload = torch.device(run.device), run.workload
+    try:
+        if run.implementation == REFERENCE:
+            meta_iteration, test_episode = reference_steps(workload, device)
+        else:
+            meta_iteration, test_episode = fewshot_steps(workload, run.implementation, device)
+    except ConfigError as err:
+        out.put({"skipped": str(err)})
+        return
+    # As Lightning runs steps under trainer.precision=bf16-mixed (the optimiser step inside
+    # here: its share of the time is small), for the reference as for fewshot.
+    autocast = partial(torch.autocast, device.type, torch.bfloat16, enabled=workload.bf16)
+
+    def train():
+        with autocast():
+            meta_iteration()
+
+    def test():
+        with autocast():
+            test_episode()
+
+    s_train = median_seconds(train, run.iters, device)
+    synchronize(device)
+    start = time.perf_counter()
+    test()  # compiles, with algo.compile
+    synchronize(device)
+    s_first_test = time.perf_counter() - start
+    s_test = median_seconds(test, run.iters, device)
+    result = {
+        "s_train": s_train,
+        "s_test": s_test,
+        "s_first_test": s_first_test,
+        "peak_gb": peak_memory_gb(device),  # before the profiled steps below
+    }
+    if device.type == "cuda":
+        result["busy_train"] = busy_seconds(train, device) / s_train
+        result["busy_test"] = busy_seconds(test, device) / s_test
+    out.put(result)
+
+
+def measure_memory(workload: Workload, threads: int, device: str, out: mp.Queue) -> None:
+    """Peak memory growth over the built model during three meta-iterations, and their median
+    time."""
     # The modules train.py has loaded: else the first backward through checkpointed steps (a
-    # backward with given output gradients) loads sympy lazily, ~30 MB that is not the graph's.
+    # backward with given output gradients) loads sympy lazily, memory that is not the graph's.
     import fewshot.module  # noqa: F401
 
     torch.set_num_threads(threads)
-    tasks, batch = build(workload), episodes(workload, workload.tasks)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    device = torch.device(device)
+    tasks, batch = build(workload, "loop"), episodes(workload, workload.tasks, device)
+    tasks.learner.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = peak_memory_gb(device)
 
     def meta_iteration():
         tasks.learner.zero_grad()
         run_tasks(tasks, batch, training=True, backward=plain_backward)
 
-    seconds = median_seconds(meta_iteration, iters=3, warmup=0)
-    out.put(((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20, seconds))
+    seconds = median_seconds(meta_iteration, iters=3, device=device, warmup=0)
+    out.put((peak_memory_gb(device) - before, seconds))
 
 
 def in_child(target, *args):
-    """Run `target(*args, queue)` in a fresh process (its own peak RSS) and return what it put."""
+    """Run `target(*args, queue)` in a fresh process (its own peak memory) and return what it
+    put."""
     context = mp.get_context("spawn")
     out = context.Queue()
     child = context.Process(target=target, args=(*args, out))
     child.start()
-    result = out.get()
+    while True:
+        try:
+            result = out.get(timeout=1)
+            break
+        except queue.Empty:
+            if not child.is_alive() and out.empty():  # it failed: its traceback is above
+                raise SystemExit(f"error: {target.__name__} exited with {child.exitcode}") from None
     child.join()
     return result
 
 
-def ratio(reference: float | None, ours: float) -> str:
-    return f"{reference / ours:5.2f}x" if reference else "    -"
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--iters", type=int, default=3, help="timed steps per child")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations per workload")
+    parser.add_argument("--only", nargs="*", default=None, help="workload names")
     parser.add_argument(
-        "--vmap", action="store_true", help="also run the MAML rows with algo.vmap_tasks=true"
+        "--batching",
+        nargs="+",
+        choices=list(TASK_BATCHING),
+        default=list(TASK_BATCHING),
+        help="fewshot's task batchings to measure (fewshot.learners.TASK_BATCHING)",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--compile", action="store_true", help="also run every row with algo.compile=true"
     )
     parser.add_argument(
         "--bf16",
         action="store_true",
-        help="also run every row with trainer.precision=bf16-mixed (not the papers' precision)",
+        help="also run every row under bfloat16 autocast (trainer.precision=bf16-mixed; not "
+        "the papers' precision)",
     )
     parser.add_argument(
         "--memory-steps",
@@ -277,7 +463,13 @@ def main() -> None:
     )
     parser.add_argument("--memory-only", action="store_true", help="only the memory report")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.iters}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device cuda: CUDA is not available to torch {torch.__version__} here")
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
+    print(
+        f"{cpu_name()} ({device}), torch {torch.__version__}, {args.threads} thread(s), "
+        f"{args.rounds} rounds of {args.iters} steps per implementation"
+    )
     if not args.memory_only:
         speed_table(args)
     if args.memory_steps:
@@ -285,49 +477,86 @@ def main() -> None:
 
 
 def speed_table(args: argparse.Namespace) -> None:
+    cuda = args.device == "cuda"
+    memory = "peak GB" if cuda else "RSS GB"
     print(
-        f"{'workload':24} {'s/iter':>7} {'speedup':>7} {'s/test':>7} {'speedup':>7} "
-        f"{'RSS GB':>6} {'ref GB':>6} {'GFLOP/s':>7} {'of dense':>8}"
+        f"{'workload':28} {'batching':9} {'s/iter':>7} {'speedup':>7} {'s/test':>7} "
+        f"{'speedup':>7} {memory:>7}" + (f" {'busy it':>7} {'busy ts':>7}" if cuda else "")
     )
-    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    base = list(workloads)
-    maml = [w for w in base if w.algo["name"] == "maml"]  # Meta-LSTM has no vmap_tasks
-    if args.vmap:
-        workloads += [
-            replace(w, name=f"{w.name}+vmap", algo={**w.algo, "vmap_tasks": True}) for w in maml
-        ]
+    base = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    workloads = list(base)
     if args.compile:
         workloads += [replace(w, name=f"{w.name}+compile", compile=True) for w in base]
     if args.bf16:
         workloads += [replace(w, name=f"{w.name}+bf16", bf16=True) for w in base]
-    compile_seconds = {}
+    first_tests = {}
     for workload in workloads:
-        r = in_child(measure, workload, args.iters, args.threads)
-        if workload.compile:
-            compile_seconds[workload.name] = r["s_first_test"]
-        ref = workload.reference
-        print(
-            f"{workload.name:24} {r['s_train']:7.3f} {ratio(ref.get('s_train'), r['s_train']):>7} "
-            f"{r['s_test']:7.4f} {ratio(ref.get('s_test'), r['s_test']):>7} {r['rss_gb']:6.2f} "
-            f"{ref.get('rss_gb', float('nan')):6.2f} {r['flops_per_s'] / 1e9:7.1f} "
-            f"{r['flops_per_s'] / r['dense_flops_per_s']:8.0%}"
-        )
-    if compile_seconds:
+        # The compiled passes are the loop's alone (fewshot.learners.task_scorer).
+        batchings = ["loop"] if workload.compile else args.batching
+        results = alternated(workload, [REFERENCE, *batchings], args)
+        ref = results.get(REFERENCE)
+        for implementation in [REFERENCE, *batchings]:
+            runs = results.get(implementation)
+            label = f"{workload.name:28} {implementation:9}"
+            if isinstance(runs, str):
+                print(f"{label} skipped: {runs}")
+                continue
+            row = f"{label} {median(runs, 's_train'):7.3f} "
+            row += f"{speedup(ref, runs, 's_train'):>7} {median(runs, 's_test'):7.4f} "
+            row += f"{speedup(ref, runs, 's_test'):>7} {median(runs, 'peak_gb'):7.2f}"
+            if cuda:
+                row += f" {median(runs, 'busy_train'):7.0%} {median(runs, 'busy_test'):7.0%}"
+            print(row)
+            if workload.compile and implementation != REFERENCE:
+                first_tests[workload.name] = median(runs, "s_first_test")
+    if first_tests:
         print(
             "first test episode, compiling included: "
-            + ", ".join(f"{name} {s:.1f} s" for name, s in compile_seconds.items())
+            + ", ".join(f"{name} {s:.1f} s" for name, s in first_tests.items())
         )
     print(
-        "speedup = reference time / ours (target: >= 2x training, >= 3x test episode); "
-        "references: learn2learn (MAML), the paper's PyTorch port (Meta-LSTM)"
+        "speedup = the reference's time / fewshot's, the median over rounds of each round's "
+        "pair; the reference: bench/reference.py, the same mathematics task by task"
     )
+
+
+def alternated(
+    workload: Workload, implementations: list[str], args: argparse.Namespace
+) -> dict[str, list[dict] | str]:
+    """Every implementation's results, one per round, from children run in alternation; a
+    string where it was skipped, saying why."""
+    results: dict[str, list[dict] | str] = {name: [] for name in implementations}
+    for index in range(args.rounds):
+        order = implementations if index % 2 == 0 else implementations[::-1]
+        for name in order:
+            if isinstance(results[name], str):
+                continue
+            r = in_child(measure, Run(workload, name, args.iters, args.threads, args.device))
+            if "skipped" in r:
+                results[name] = r["skipped"]
+            else:
+                results[name].append(r)
+    return results
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def speedup(reference_runs: list[dict] | str | None, runs: list[dict], key: str) -> str:
+    """The median over rounds of the round's reference time / this implementation's."""
+    if not isinstance(reference_runs, list) or reference_runs is runs:
+        return "-"
+    pairs = zip(reference_runs, runs)
+    return f"{statistics.median(ref[key] / ours[key] for ref, ours in pairs):.2f}x"
 
 
 def memory_report(args: argparse.Namespace) -> None:
     """Second-order MAML's memory by inner steps, plain and with checkpoint_inner (84 px
     Mini-ImageNet activations are where checkpointing matters), and what it costs in time."""
+    what = "peak device memory" if args.device == "cuda" else "peak RSS"
     print(
-        "second-order MAML, peak RSS growth over the model in GB by inner steps, "
+        f"second-order MAML (fewshot, loop), {what} growth over the model in GB by inner steps, "
         "plain / checkpoint_inner (time per meta-iteration, checkpoint_inner / plain):"
     )
     for name in MEMORY_WORKLOADS:
@@ -341,11 +570,12 @@ def memory_report(args: argparse.Namespace) -> None:
                     measure_memory,
                     replace(base, algo={**base.algo, "inner_steps": steps, "checkpoint_inner": c}),
                     args.threads,
+                    args.device,
                 )
                 for c in (False, True)
             )
             cells.append(f"{steps}: {plain_gb:.2f}/{ckpt_gb:.2f} ({ckpt_s / plain_s:.2f}x)")
-        print(f"  {name:24} " + "  ".join(cells))
+        print(f"  {name:28} " + "  ".join(cells))
 
 
 if __name__ == "__main__":
