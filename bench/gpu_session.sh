@@ -28,7 +28,7 @@ run() {
     python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$out/gpu.txt"
     # The files that hold gpu tests: collecting the others would import the sweep extras.
     timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider $(grep -rlE "cuda_device|DEVICES" tests --include="test_*.py") 2>&1 | tee "$out/pytest_gpu.log"
-    timeout 200 python3 bench/speed.py --device cuda --iters 5 2>&1 | tee "$out/bench_cuda.log"
+    timeout 240 python3 -m bench.speed --device cuda --iters 5 --rounds 1 --memory-steps 2>&1 | tee "$out/bench_cuda.log"
     local left=$((end - SECONDS - 20))
     if ((left > 30)); then
         # As many meta-iterations of the paper preset as fit; Lightning's bar shows it/s.

@@ -50,7 +50,7 @@ from omegaconf import OmegaConf
 from torch.autograd import DeviceType
 
 from bench import reference
-from fewshot.config import EXCLUSIVE, backbone_config, group_option, learner_from
+from fewshot.config import backbone_config, check_exclusive, group_option, learner_from
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
 from fewshot.learners import TASK_BATCHING, plain_backward, run_tasks, task_scorer
@@ -148,39 +148,20 @@ WORKLOADS = [
 ]
 
 
-def config_refusal(workload: Workload, batching: str) -> str | None:
-    """Why fewshot.config would refuse to run the workload with this batching, if it would."""
+def build(workload: Workload, batching: str) -> TaskScorer:
+    """The workload's learner, in the task scorer train.py would build for it; ConfigError
+    where train.py would refuse the settings."""
     cfg = OmegaConf.create(
         {
-            "algo": {
-                **workload.algo,
-                "vmap_tasks": batching == "vmap",
-                "compile": workload.compile,
-            },
+            "algo": {**workload.algo, "task_batching": batching, "compile": workload.compile},
             "backbone": workload.backbone,
             "trainer": {"precision": "bf16-mixed" if workload.bf16 else "32-true"},
         }
     )
-    for (a, a_value), (b, b_value), clash, why, _ in EXCLUSIVE:
-        if OmegaConf.select(cfg, a) == a_value and OmegaConf.select(cfg, b) == b_value:
-            a_text, b_text = (f"{k}={str(v).lower()}" for k, v in ((a, a_value), (b, b_value)))
-            return f"{a_text} {clash} {b_text} ({why})"
-    return None
-
-
-def build(workload: Workload, batching: str) -> TaskScorer:
-    """The workload's learner, in the task scorer train.py would build for it."""
-    refusal = config_refusal(workload, batching)
-    if refusal:
-        raise ConfigError(refusal)
+    check_exclusive(cfg)
     torch.manual_seed(0)
-    algo = OmegaConf.merge(group_option("algo", workload.algo["name"]), workload.algo)
-    # As train.py resolves the backbone's `auto` layout for this batching.
-    settings = backbone_config(
-        OmegaConf.create(
-            {"algo": {"vmap_tasks": batching == "vmap"}, "backbone": workload.backbone}
-        )
-    )
+    algo = OmegaConf.merge(group_option("algo", workload.algo["name"]), cfg.algo)
+    settings = backbone_config(cfg)  # the backbone's `auto` layout, as train.py resolves it
     backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **settings)
     return task_scorer(learner_from(algo, backbone), batching, workload.compile)
 

@@ -154,6 +154,15 @@ def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default="<absent>")
 
 
+def check_exclusive(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first pair of settings of `cfg` that cannot run together
+    (EXCLUSIVE); keys `cfg` lacks clash with nothing."""
+    for (a, a_value), (b, b_value), clash, why, fix in EXCLUSIVE:
+        if _select(cfg, a) == a_value and _select(cfg, b) == b_value:
+            a_text, b_text = (f"{k}={str(v).lower()}" for k, v in ((a, a_value), (b, b_value)))
+            raise ConfigError(f"{a_text} {clash} {b_text} ({why}): {fix}")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range or that cannot run
     with another's."""
@@ -161,10 +170,7 @@ def check_config(cfg: DictConfig) -> None:
         value = _select(cfg, key)
         if value != "<absent>":
             check_value(key, value, rule)
-    for (a, a_value), (b, b_value), clash, why, fix in EXCLUSIVE:
-        if _select(cfg, a) == a_value and _select(cfg, b) == b_value:
-            a_text, b_text = (f"{k}={str(v).lower()}" for k, v in ((a, a_value), (b, b_value)))
-            raise ConfigError(f"{a_text} {clash} {b_text} ({why}): {fix}")
+    check_exclusive(cfg)
     if cfg.trainer.val_check_interval > cfg.trainer.max_steps:
         raise ConfigError(
             f"trainer.val_check_interval={cfg.trainer.val_check_interval} exceeds "
