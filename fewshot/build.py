@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -62,10 +63,11 @@ def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataMo
 
 
 def set_threads(threads: int | str | None) -> int:
-    """Set torch's CPU threads: a number, `auto` (fewshot.threads.auto_threads) or None (torch's
-    own default); return the number torch uses."""
+    """Set torch's CPU threads: a number, `auto` (fewshot.threads.auto_threads, or the count
+    OMP_NUM_THREADS asks for where it is set) or None (torch's own default); return the number
+    torch uses."""
     if threads == AUTO:
-        threads = auto_threads()
+        threads = None if os.environ.get("OMP_NUM_THREADS") else auto_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
