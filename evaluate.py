@@ -1,6 +1,9 @@
 """Test a checkpoint on fixed meta-test episodes:  python evaluate.py ckpt=<file> [episodes=600]
 Several at once, into one table:  python evaluate.py run=<sweep folder> [episodes=[100,250,600]]"""
 
+import fewshot.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+
+# isort: split
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,10 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot.comparison import evaluate_targets, targets_of, write_evaluation_table
 from fewshot.config import CONF, check_declared_keys
 from fewshot.console import quiet_lightning
-from fewshot.data.files import write_json
 from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
-from fewshot.evaluation import evaluate_checkpoint, inner_loop_summary
-from fewshot.runs import eval_result_path, task_suffix
+from fewshot.evaluation import result_line, score_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,10 @@ def main(cfg: DictConfig) -> float | None:
         if runs or len(ckpts) > 1 or OmegaConf.is_list(cfg.episodes):
             evaluate_many(cfg, ckpts, runs)
             return None
-        result = evaluate_checkpoint(
-            cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.threads
+        result, output = score_checkpoint(
+            cfg.ckpt, cfg.episodes, cfg.seed, run_overrides(cfg), cfg.threads, cfg.output
         )
-    task = task_suffix(run_overrides(cfg), result["protocol"])
-    output = (
-        Path(cfg.output) if cfg.output else eval_result_path(cfg.ckpt, cfg.episodes, cfg.seed, task)
-    )
-    write_json(output, result)
-    p = result["protocol"]
-    print(
-        f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
-        f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
-        f"{p['algorithm']} {inner_loop_summary(p)}, {p['batch_norm']} batch norm, "
-        f"{p['precision']}) -> {output}"
-    )
+    print(result_line(result, output))
     return result["test/acc"]
 
 

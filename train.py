@@ -1,6 +1,11 @@
-"""Meta-train a few-shot learner:  python train.py [experiment=<preset>] [key=value ...]"""
+"""Meta-train a few-shot learner, then test it:  python train.py [experiment=<preset>] [key=value ...]"""
 
+import fewshot.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+
+# isort: split
+import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
@@ -11,11 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from fewshot.build import build_datamodule, build_module, build_trainer, set_threads
 from fewshot.checkpointing import check_resumable, fit_outcome
 from fewshot.cluster import job_device, requeued_resume
-from fewshot.config import check_config
+from fewshot.config import CONF, check_config
 from fewshot.console import quiet_lightning
 from fewshot.errors import reported_as_one_line, run_entry_point
-from fewshot.runs import config_subdir, run_dir_of
+from fewshot.evaluation import result_line, score_checkpoint
+from fewshot.runs import Run, config_subdir, run_dir_of
 from fewshot.sweep import recorded_job
+
+log = logging.getLogger(__name__)
 
 # Used in conf/train.yaml's hydra section: a resumed run continues in its own directory.
 OmegaConf.register_new_resolver("fewshot.run_dir_of", run_dir_of, replace=True)
@@ -29,7 +37,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     with reported_as_one_line(), recorded_job(run_dir, cfg, multirun) as job:
-        if job.finished:
+        if job.finished:  # its test, if it had one, is in its eval/ already
             return job.value
         check_config(cfg)
         # After the digest of the job's config is taken: where a job runs is not what it trains.
@@ -44,8 +52,30 @@ def main(cfg: DictConfig) -> float | None:
             datamodule.setup()  # data errors surface now, before any training
             trainer = build_trainer(cfg, run_dir, restart_step)
             trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
-            job.completed(*fit_outcome(trainer))
+            best, step = fit_outcome(trainer)
+            tested = final_test(cfg, run_dir, trainer) if cfg.test_after_training else None
+            job.completed(best, step, tested)
     return job.value
+
+
+def final_test(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer) -> dict[str, Any] | None:
+    """Score the run's best.ckpt as `python evaluate.py ckpt=<run>/checkpoints/best.ckpt` would
+    (its default episodes and seed, its JSON in `<run>/eval/`); print its line and return the
+    result (None where there is nothing to test, or where other processes share the run)."""
+    best = Run(run_dir).best_ckpt
+    if trainer.world_size > 1:  # each DDP process runs this script: testing is left to one
+        log.info("DDP run: test it with  python evaluate.py ckpt=%s", best)
+        return None
+    if not best.is_file():
+        log.warning("no %s (the run never validated): nothing to test", best)
+        return None
+    protocol = OmegaConf.load(CONF / "evaluate.yaml")  # evaluate.py's defaults: one protocol
+    progress = "test" if cfg.trainer.enable_progress_bar else None
+    result, output = score_checkpoint(
+        best, protocol.episodes, protocol.seed, threads=None, progress=progress
+    )
+    print(result_line(result, output), flush=True)
+    return result
 
 
 if __name__ == "__main__":

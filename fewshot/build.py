@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -17,9 +18,10 @@ from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.divergence import StopOnNonFinite, divergence_hint
 from fewshot.errors import ConfigError, instantiate
-from fewshot.learners import Learner, task_scorer
+from fewshot.learners import Learner, run_tasks, task_scorer
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
+from fewshot.threads import AUTO, auto_threads
 
 
 def build_learner(cfg: DictConfig) -> Learner:
@@ -59,9 +61,15 @@ def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataMo
     )
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | str | None) -> int:
+    """Set torch's CPU threads: a number, `auto` (fewshot.threads.auto_threads, or the count
+    OMP_NUM_THREADS asks for where it is set) or None (torch's own default); return the number
+    torch uses."""
+    if threads == AUTO:
+        threads = None if os.environ.get("OMP_NUM_THREADS") else auto_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
@@ -83,6 +91,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
             *checkpoint_callbacks(run_dir),
             StopOnNonFinite(divergence_hint(cfg.algo)),
             TensorBoardViews(),
+            FirstEpisodeCheck(),
         ],
         plugins=[AtomicCheckpointIO(), *cluster_plugins],
         default_root_dir=run_dir,
@@ -90,9 +99,32 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
         inference_mode=False,
         # Training is one endless stream of meta-batches: validate by step count, not by epoch.
         check_val_every_n_epoch=None,
+        # Lightning's sanity check scores two meta-batches of validation episodes, minutes on a
+        # CPU; FirstEpisodeCheck scores one episode instead.
+        num_sanity_val_steps=0,
     )
     check_world_size(cfg, trainer.world_size)
     return trainer
+
+
+class FirstEpisodeCheck(pl.Callback):
+    """Before the first meta-iteration, adapt on and score the first validation episode as
+    validation does, so that a learner that fails at evaluation fails now, not at the first
+    validation. Skipped on resuming (the run validated before). Validation episodes are fixed
+    and adaptation draws from no global generator, so training's random stream is untouched."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: EpisodicModule) -> None:
+        if trainer.ckpt_path is not None or not trainer.enable_validation:
+            return
+        loader = trainer.datamodule.val_dataloader()
+        batch = loader.collate_fn([loader.dataset[0]])
+        batch = pl_module.on_after_batch_transfer(
+            pl_module.transfer_batch_to_device(batch, pl_module.device, 0), 0
+        )
+        pl_module.eval()
+        with torch.no_grad():  # as in validation: the learner enables grad for its inner loop
+            run_tasks(pl_module.tasks, batch, training=False, track_steps=True)
+        pl_module.train()
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> None:

@@ -74,7 +74,7 @@ def job_device(cfg: DictConfig, hydra_cfg: Any) -> Iterator[None]:
     1/n of the CPU cores as `threads` (unless set). In a SLURM job, `threads` defaults to the CPUs
     SLURM gave the task, not every core of the node. `cfg` is changed in place."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cfg.threads is None and cpus:
+    if cfg.threads in (None, "auto") and cpus:
         cfg.threads = int(cpus)
     if hydra_cfg.launcher.get("_target_") != PARALLEL_LAUNCHER:
         yield
@@ -95,7 +95,7 @@ def job_device(cfg: DictConfig, hydra_cfg: Any) -> Iterator[None]:
                 )
             cfg.trainer.devices = [slot]
             log.info("job on GPU %d (slot %d of %d)", slot, slot, jobs)
-        elif cfg.threads is None:
+        elif cfg.threads in (None, "auto"):
             cfg.threads = max(1, len(os.sched_getaffinity(0)) // jobs)
             log.info("job on %d CPU threads (slot %d of %d)", cfg.threads, slot, jobs)
         yield

@@ -3,6 +3,7 @@ in one table beside their overrides and validation accuracy."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,14 @@ def evaluate_targets(
     counts: Sequence[int],
     seed: int,
     overrides: Mapping[str, Any] | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
 ) -> list[Row]:
     """One row per target: its results for every episode count (also written as the usual JSON
-    files beside each checkpoint), or why it has none."""
+    files beside each checkpoint), or why it has none. On a terminal, a progress bar per
+    checkpoint says which of how many it is and the time the others will take."""
     rows = []
+    scored = [t for t in targets if t.ckpt is not None]
+    started = time.monotonic()
     for target in targets:
         run_overrides = target.run.override_values()
         if target.ckpt is None:
@@ -70,7 +74,12 @@ def evaluate_targets(
             status = "failed" if error else "no best.ckpt"
             rows.append(Row(target.name, run_overrides, status, error=error))
             continue
-        results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads)
+        done = sum(bool(r.results) for r in rows)
+        label = f"checkpoint {done + 1}/{len(scored)} {target.name}"
+        if done:
+            per_checkpoint = (time.monotonic() - started) / done
+            label += f" (then ~{per_checkpoint * (len(scored) - done - 1) / 60:.0f} min more)"
+        results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads, label)
         for result in results:
             task = task_suffix(overrides or {}, result["protocol"])
             write_json(eval_result_path(target.ckpt, result["episodes"], seed, task), result)

@@ -78,7 +78,11 @@ RULES: dict[str, Rule] = {
     "algo.batch_norm_train": one_of(*BATCH_NORM_MODES),
     "algo.batch_norm_test": one_of(*BATCH_NORM_MODES),
     "algo.compile": _BOOLEAN,
-    "threads": ((lambda v: v is None or int_at_least(1)[0](v)), "null or an integer >= 1"),
+    "test_after_training": _BOOLEAN,
+    "threads": (
+        (lambda v: v is None or v == "auto" or int_at_least(1)[0](v)),
+        "auto, null (torch's default) or an integer >= 1",
+    ),
     # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
     # backward passes (and bf16 needs none).
     "trainer.precision": one_of("32-true", "bf16-mixed"),

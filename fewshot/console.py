@@ -1,10 +1,14 @@
 """What train.py and evaluate.py print: Lightning's messages that are no news to a fewshot user
-silenced by name (each one, never a category or module wholesale)."""
+silenced by name (each one, never a category or module wholesale), and a progress bar over test
+episodes."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+
+import pytorch_lightning as pl
+from tqdm import tqdm
 
 # (message start, category): each raised inside Lightning, on every run.
 KNOWN_WARNINGS = (
@@ -29,3 +33,27 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropTips())
+
+
+class EpisodeProgress(pl.Callback):
+    """A progress bar over the test episodes, with the time left, on a terminal only (tqdm
+    turns itself off when stderr is a file or a pipe)."""
+
+    def __init__(self, label: str = "test") -> None:
+        self.label, self.bar = label, None
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        total = sum(len(loader.dataset) for loader in _loaders(trainer.test_dataloaders))
+        self.bar = tqdm(total=total, desc=self.label, unit="episode", disable=None, leave=False)
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx, *_
+    ) -> None:
+        self.bar.update(batch.support_x.shape[0])  # episodes of the batch
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.bar.close()
+
+
+def _loaders(loaders) -> list:
+    return list(loaders) if isinstance(loaders, list | tuple) else [loaders]

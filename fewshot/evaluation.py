@@ -16,11 +16,13 @@ from torch import Tensor
 from fewshot.build import build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
 from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least, upgraded
+from fewshot.console import EpisodeProgress
+from fewshot.data.files import write_json
 from fewshot.errors import ConfigError
 from fewshot.learners.maml import MAML
 from fewshot.learners.metalstm import MetaLSTM
 from fewshot.module import current_state_dict
-from fewshot.runs import best_val_acc
+from fewshot.runs import best_val_acc, eval_result_path, task_suffix
 
 
 def mean_ci95(accuracies: Tensor) -> tuple[float, float]:
@@ -82,10 +84,43 @@ def evaluate_checkpoint(
     episodes: int,
     seed: int,
     overrides: Mapping[str, Any] | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
+    progress: str | None = "test",
 ) -> dict[str, Any]:
     """Score a checkpoint on `episodes` fixed meta-test episodes drawn with `seed`."""
-    return evaluate_prefixes(ckpt, [episodes], seed, overrides, threads)[0]
+    return evaluate_prefixes(ckpt, [episodes], seed, overrides, threads, progress)[0]
+
+
+def score_checkpoint(
+    ckpt: str | Path,
+    episodes: int,
+    seed: int,
+    overrides: Mapping[str, Any] | None = None,
+    threads: int | str | None = None,
+    output: str | Path | None = None,
+    progress: str | None = "test",
+) -> tuple[dict[str, Any], Path]:
+    """evaluate.py's protocol for one checkpoint and one episode count: score it, write the
+    result JSON to `output` (None: `<run>/eval/`, named by runs.eval_result_path); return the
+    result and where it went."""
+    result = evaluate_checkpoint(ckpt, episodes, seed, overrides, threads, progress)
+    if output is None:
+        output = eval_result_path(
+            ckpt, episodes, seed, task_suffix(overrides or {}, result["protocol"])
+        )
+    write_json(output, result)
+    return result, Path(output)
+
+
+def result_line(result: Mapping[str, Any], output: str | Path) -> str:
+    """The line evaluate.py (and train.py, at its end) prints for a test result."""
+    p = result["protocol"]
+    return (
+        f"test accuracy {100 * result['test/acc']:.2f} ± {100 * result['test/acc_ci95']:.2f}% "
+        f"(95% CI, {result['episodes']} episodes, {p['way']}-way {p['shot']}-shot, "
+        f"{p['algorithm']} {inner_loop_summary(p)}, {p['batch_norm']} batch norm, "
+        f"{p['precision']}) -> {output}"
+    )
 
 
 def evaluate_prefixes(
@@ -93,7 +128,8 @@ def evaluate_prefixes(
     counts: Sequence[int],
     seed: int,
     overrides: Mapping[str, Any] | None = None,
-    threads: int | None = None,
+    threads: int | str | None = None,
+    progress: str | None = "test",
 ) -> list[dict[str, Any]]:
     """Results on the first n fixed meta-test episodes for each n in `counts`, from one pass
     over max(counts) episodes: episode i does not depend on how many are drawn, so each is the
@@ -101,7 +137,8 @@ def evaluate_prefixes(
 
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
     `algo.batch_norm_test`, `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new
-    values; None keeps the run's own.
+    values; None keeps the run's own. `progress`: the label of the progress bar shown on a
+    terminal while the episodes are scored (None: no bar).
     """
     stored, checkpoint = load_checkpoint(ckpt)
     cfg = upgraded(stored)
@@ -137,9 +174,10 @@ def evaluate_prefixes(
         logger=False,
         enable_checkpointing=False,
         inference_mode=False,
-        enable_progress_bar=False,
+        enable_progress_bar=False,  # Lightning's counts batches; EpisodeProgress counts episodes
         enable_model_summary=False,
         precision=precision(cfg),
+        callbacks=[EpisodeProgress(progress)] if progress else [],
     )
     trainer.test(module, datamodule, verbose=False)
     accuracies = torch.cat(module.test_accuracies)  # [max(counts)], in episode order

@@ -41,9 +41,11 @@ SEEDS = "summary_seeds"  # summary_seeds.md and .csv: the jobs that differ only 
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved run config, less `skip_finished` (it says how to run, not what)."""
+    """SHA-256 of the resolved run config, less `skip_finished` and `test_after_training` (they
+    say how to run, not what is trained)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    config.pop("skip_finished", None)
+    for key in ("skip_finished", "test_after_training"):
+        config.pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -64,14 +66,16 @@ class Job:
         self.run, self.digest, self.finished = run, digest, finished
         self.value: float | None = None if finished is None else finished["val/acc"]
 
-    def completed(self, best_val_acc: Any, step: int) -> None:
-        """Record a run that trained to the end; `best_val_acc` is a number, tensor or None."""
+    def completed(self, best_val_acc: Any, step: int, tested: dict[str, Any] | None = None) -> None:
+        """Record a run that trained to the end; `best_val_acc` is a number, tensor or None;
+        `tested`: the result of its final test (evaluate.py's), if it had one."""
         best = None if best_val_acc is None else float(best_val_acc)
         # A sweeper is handed a finite number or None (Optuna's plugin fails the study on NaN).
         self.value = best if best is not None and math.isfinite(best) else None
-        self.run.write_result(
-            {"status": "completed", "val/acc": self.value, "step": step, "config": self.digest}
-        )
+        result = {"status": "completed", "val/acc": self.value, "step": step}
+        if tested is not None:
+            result |= {key: tested[key] for key in ("test/acc", "test/acc_ci95", "episodes")}
+        self.run.write_result({**result, "config": self.digest})
 
     def failed(self, err: BaseException) -> None:
         self.value = None

@@ -260,6 +260,7 @@ def quick_overrides(omniglot_root, omniglot_cache) -> list[str]:
         "val_episodes=4",
         "threads=1",
         "trainer.enable_progress_bar=false",
+        "test_after_training=false",  # 600 test episodes per run; tests/test_first_hour.py has it on
     ]
 
 

@@ -34,12 +34,22 @@ VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423}
 SPLITS = ("background", "vinyals")
 
 
-def missing_data_message(root: Path) -> str:
+def missing_data_message(root: Path, download: bool, failure: str | None = None) -> str:
+    """Where the zips go, and what to do next: with data.download=false, to set it; with it
+    true (the fetch failed: `failure`), to fetch them elsewhere and copy them there."""
+    where = (
+        "Expected images_background.zip and images_evaluation.zip (or the folders they "
+        "extract to) from https://github.com/brendenlake/omniglot/tree/master/python"
+    )
+    if not download:
+        return (
+            f"Omniglot not found under data.root={root}. {where}; put them there, or set "
+            "data.download=true to fetch them."
+        )
     return (
-        f"Omniglot not found under data.root={root}. Expected images_background.zip and "
-        "images_evaluation.zip (or the folders they extract to) from "
-        "https://github.com/brendenlake/omniglot/tree/master/python; put them there, or set "
-        "data.download=true to fetch them."
+        f"Omniglot not found under data.root={root}, and data.download=true could not fetch "
+        f"it: {failure}. {where}; download them where there is a network and put them there, "
+        "or point data.root at a folder that has them."
     )
 
 
@@ -57,10 +67,10 @@ def _sources(root: Path, download_missing: bool) -> dict[str, Path]:
             try:
                 download(URL.format(part), archive, MD5[part])
             except OSError as err:
-                raise DataError(f"{missing_data_message(root)} Download failed: {err}") from err
+                raise DataError(missing_data_message(root, True, str(err))) from err
             found[part] = archive
         else:
-            raise DataError(missing_data_message(root))
+            raise DataError(missing_data_message(root, False))
     return found
 
 
@@ -84,7 +94,9 @@ def _read_pngs(source: Path) -> dict[str, bytes]:
         ) from err
 
 
-def _decode(png: bytes, image_size: int) -> torch.Tensor:
+def decode_image(png: bytes, image_size: int) -> torch.Tensor:
+    """An image file's bytes -> uint8 [1, S, S], as every Omniglot image is read (and
+    fewshot.predict reads a user's)."""
     image = Image.open(io.BytesIO(png)).convert("L")
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     # Strokes become bright on a zero background, so zero padding in the convs is background.
@@ -106,7 +118,7 @@ def _decode_all(sources: dict[str, Path], image_size: int) -> ClassImages:
             raise DataError(f"{character} has {len(drawings)} drawings, expected {DRAWINGS}")
         for j, (file, png) in enumerate(drawings):
             try:
-                images[i, j] = _decode(png, image_size)
+                images[i, j] = decode_image(png, image_size)
             except OSError as err:
                 raise DataError(f"cannot read Omniglot image {character}/{file}: {err}") from err
     return ClassImages(images, names)
@@ -123,7 +135,7 @@ def load_omniglot(
     if cached is not None:
         return ClassImages(cached["images"], list(cached["names"]))
     if not root.is_dir() and not download:
-        raise DataError(missing_data_message(root))
+        raise DataError(missing_data_message(root, False))
     root.mkdir(parents=True, exist_ok=True)
     log.info("decoding Omniglot from %s (once; cached at %s)", root, cache)
     data = _decode_all(_sources(root, download), image_size)

@@ -76,9 +76,12 @@ def test_a_failed_omniglot_download_says_why_and_where_to_get_the_data(
     server, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(og, "URL", server + "/html?{}")
-    with pytest.raises(DataError, match="Omniglot not found under data.root=.*an HTML page"):
+    with pytest.raises(DataError, match="Omniglot not found under data.root=.*an HTML page") as err:
         og.load_omniglot(tmp_path / "omniglot", 28, download=True, cache_dir=str(tmp_path / "c"))
     assert list((tmp_path / "omniglot").iterdir()) == []
+    # It was already true: the message says what else to do, not to set it.
+    assert "data.download=true could not fetch" in str(err.value)
+    assert "set data.download=true" not in str(err.value)
 
 
 def test_a_write_that_fails_leaves_the_previous_file_and_no_partial_one(tmp_path):

@@ -1,0 +1,126 @@
+"""What a new user meets first: a training run that ends with a test number, threads that a
+neighbouring job cannot make pathological, a config key checked before anything runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from fewshot.build import set_threads
+from fewshot.config import check_config
+from fewshot.errors import ConfigError
+from fewshot.threads import auto_threads, physical_cores
+from tests.conftest import REPO, compose_train, run_script
+
+
+@pytest.fixture(scope="module")
+def tested_overrides(quick_overrides) -> list[str]:
+    """quick_overrides with the final test on (the default; the shared fixture turns it off)."""
+    return [o for o in quick_overrides if not o.startswith("test_after_training=")]
+
+
+def test_training_ends_by_scoring_best_ckpt_as_evaluate_py_does(tested_overrides, tmp_path):
+    run = tmp_path / "run"
+    proc = run_script("train.py", *tested_overrides, f"hydra.run.dir={run}")
+    written = json.loads((run / "eval" / "best_600ep_seed0.json").read_text())
+    assert written["episodes"] == 600 and written["checkpoint"] == str(
+        run / "checkpoints" / "best.ckpt"
+    )
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("test accuracy")]
+    assert f"{100 * written['test/acc']:.2f} ± {100 * written['test/acc_ci95']:.2f}%" in line
+    assert "600 episodes" in line
+    recorded = json.loads((run / "result.json").read_text())
+    assert recorded["test/acc"] == written["test/acc"] and recorded["episodes"] == 600
+    # evaluate.py on the same checkpoint: the same protocol, the same number.
+    again = tmp_path / "again.json"
+    # The same thread count: a barely trained model's near-tied logits flip with the sum order.
+    best = run / "checkpoints" / "best.ckpt"
+    run_script("evaluate.py", f"ckpt={best}", f"output={again}", "threads=1")
+    assert json.loads(again.read_text())["test/acc"] == written["test/acc"]
+
+
+def test_a_sweep_job_finished_earlier_is_neither_trained_nor_tested_again(
+    tested_overrides, tmp_path
+):
+    sweep = ["-m", *tested_overrides, "seed=0", f"hydra.sweep.dir={tmp_path}"]
+    first = run_script("train.py", *sweep)
+    assert sum(x.startswith("test accuracy") for x in first.stdout.splitlines()) == 1
+    written = tmp_path / "0" / "eval" / "best_600ep_seed0.json"
+    mtime = written.stat().st_mtime_ns
+    second = run_script("train.py", *sweep)
+    assert not any(x.startswith("test accuracy") for x in second.stdout.splitlines())
+    assert written.stat().st_mtime_ns == mtime
+    # Turning the test off is how to run, not what is trained: the job is still finished.
+    third = run_script("train.py", *sweep, "test_after_training=false")
+    assert "finished earlier" in third.stderr + third.stdout
+
+
+def test_a_test_after_training_that_is_not_a_boolean_is_refused_naming_the_key():
+    cfg = compose_train("test_after_training=sometimes")
+    with pytest.raises(ConfigError, match="test_after_training='sometimes' is out of range"):
+        check_config(cfg)
+
+
+def test_the_quickstart_preset_composes_with_the_papers_test_protocol():
+    cfg = compose_train("experiment=quickstart")
+    check_config(cfg)
+    evaluate = OmegaConf.load(REPO / "conf" / "evaluate.yaml")
+    assert (cfg.way, cfg.shot, cfg.query, cfg.data.split) == (5, 1, 15, "vinyals")
+    assert cfg.test_after_training and evaluate.episodes == 600
+
+
+@pytest.mark.parametrize("cores", [1, 2, 16])
+def test_auto_threads_is_one_per_physical_core(cores):
+    assert auto_threads(cores) == cores
+
+
+def test_auto_threads_follow_omp_num_threads_where_it_is_set(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    assert set_threads("auto") == 1
+
+
+def test_physical_cores_count_hyperthreads_once():
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+# CPU time a process spends while it sleeps after a parallel torch op: OpenMP threads that spin
+# instead of sleeping show up here.
+SPIN = """
+import sys, time
+{first}
+import torch
+torch.set_num_threads(2)
+x = torch.ones(4_000_000)
+for _ in range(20):
+    x.add_(1)
+start = time.process_time()
+time.sleep(1.0)
+print(time.process_time() - start)
+"""
+
+
+def cpu_while_idle(first: str, **env: str) -> float:
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPIN.format(first=first)],
+        cwd=REPO,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return float(proc.stdout.split()[-1])
+
+
+def test_the_entry_points_make_openmp_wait_passively_before_torch_loads_it():
+    # The measurement sees spinning threads where the policy asks for them ...
+    assert cpu_while_idle("", OMP_WAIT_POLICY="ACTIVE") > 0.1  # less than 1 s: shared CPUs
+    # ... and none where train.py's first import set the policy, before torch loaded OpenMP.
+    for script in ("train", "evaluate", "predict"):
+        assert cpu_while_idle(f"import {script}") < 0.03, script
