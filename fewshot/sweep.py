@@ -41,10 +41,10 @@ SEEDS = "summary_seeds"  # summary_seeds.md and .csv: the jobs that differ only 
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """SHA-256 of the resolved run config, less `skip_finished` and `test_after_training` (they
-    say how to run, not what is trained)."""
+    """SHA-256 of the resolved run config, less `skip_finished`, `test_after_training` and
+    `threads` (they say how to run, not what is trained)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("skip_finished", "test_after_training"):
+    for key in ("skip_finished", "test_after_training", "threads"):
         config.pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
