@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> float | None:
             set_threads(cfg.threads)
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             module = build_module(cfg)  # a backbone that does not fit the images fails here
+            log.info("%s: %s", type(module.learner).__name__, parameter_count(module))
             if cfg.ckpt_path is not None:
                 restart_step = check_resumable(cfg, module)
             datamodule = build_datamodule(cfg)
@@ -56,6 +57,13 @@ def main(cfg: DictConfig) -> float | None:
             tested = final_test(cfg, run_dir, trainer) if cfg.test_after_training else None
             job.completed(best, step, tested)
     return job.value
+
+
+def parameter_count(module: pl.LightningModule) -> str:
+    """The meta-parameters that train, and those that stay fixed, in words."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return f"{trainable:,} meta-parameters" + (f" ({frozen:,} fixed)" if frozen else "")
 
 
 def final_test(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from fewshot.checkpointing import AtomicCheckpointIO, checkpoint_callbacks
 from fewshot.cluster import cluster_trainer_settings
 from fewshot.config import backbone_config, learner_from, resolved_config
+from fewshot.console import progress_bars
 from fewshot.dashboards import TensorBoardViews
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.divergence import StopOnNonFinite, divergence_hint
@@ -92,6 +93,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
             StopOnNonFinite(divergence_hint(cfg.algo)),
             TensorBoardViews(),
             FirstEpisodeCheck(),
+            *progress_bars(options.get("enable_progress_bar", True)),
         ],
         plugins=[AtomicCheckpointIO(), *cluster_plugins],
         default_root_dir=run_dir,

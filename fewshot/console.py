@@ -8,6 +8,8 @@ import logging
 import warnings
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from tqdm import tqdm
 
 # (message start, category): each raised inside Lightning, on every run.
@@ -57,3 +59,17 @@ class EpisodeProgress(pl.Callback):
 
 def _loaders(loaders) -> list:
     return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+
+
+class MetaIterationBar(RichProgressBar):
+    """Lightning's rich bar, described as meta-iterations: training is one endless epoch, which
+    Lightning's own description shows as "Epoch 0/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'meta-iterations':{len(self.validation_description)}}"
+
+
+def progress_bars(enabled: bool) -> list[pl.Callback]:
+    """The training bar to hand the Trainer: none where bars are off or rich is missing
+    (Lightning then shows its own, or none)."""
+    return [MetaIterationBar()] if enabled and _RICH_AVAILABLE else []
