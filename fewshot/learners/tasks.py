@@ -117,9 +117,9 @@ class VmappedTasks:
         others = learner.other_meta_parameters()
         if others:  # the batched meta-gradient is taken for the backbone's weights alone
             raise ConfigError(
-                f"algo.task_batching=vmap cannot meta-learn {others[0]} (beside the "
-                "backbone's weights, this learner learns step sizes or per-step batch norm): "
-                "set algo.task_batching=loop or grouped"
+                f"algo.task_batching=vmap cannot meta-learn {others[0]} (the batched "
+                "meta-gradient is taken for the backbone's weights alone): set "
+                "algo.task_batching=loop"
             )
         self.learner = learner
         self.passes = FunctionalPasses(learner.backbone)
