@@ -65,6 +65,15 @@ class HostReads:
         return [r for r in self.reads if Path(r[0].rsplit(":", 1)[0]).is_relative_to(FEWSHOT)]
 
     @contextmanager
+    def counting(self, hook: str = "") -> Iterator[None]:
+        """Count the reads made inside this block (`hook`: the step hook it wraps, unused)."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    @contextmanager
     def patched(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[HostReads]:
         for name in HOST_READS:
             original = getattr(torch.Tensor, name)
@@ -106,15 +115,7 @@ def test_no_step_reads_a_tensor_value_on_the_host(
     module = small_module(name, batching, **settings)
     reads = HostReads()
 
-    @contextmanager
-    def during(hook: str = ""):
-        reads.active = True
-        try:
-            yield
-        finally:
-            reads.active = False
-
-    watch_steps(module, during)
+    watch_steps(module, reads.counting)
     # Lightning logging every step: its reads of the logged values come outside the steps.
     trainer = small_trainer("cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1)
     with reads.patched(monkeypatch):
@@ -127,15 +128,7 @@ def test_the_counter_catches_a_host_read_in_a_step(monkeypatch):
     module = small_module("maml")
     reads = HostReads()
 
-    @contextmanager
-    def during(hook: str = ""):
-        reads.active = True
-        try:
-            yield
-        finally:
-            reads.active = False
-
-    with reads.patched(monkeypatch), during():
+    with reads.patched(monkeypatch), reads.counting():
         loss = module.learner.backbone.head.weight.sum()
         if loss > 0:  # a host read, as a step must not make
             pass
