@@ -21,7 +21,7 @@ from fewshot.data.files import write_json
 from fewshot.errors import ConfigError
 from fewshot.learners.maml import MAML
 from fewshot.learners.metalstm import MetaLSTM
-from fewshot.module import current_state_dict
+from fewshot.module import EpisodicModule, current_state_dict
 from fewshot.runs import best_val_acc, eval_result_path, task_suffix
 
 
@@ -123,6 +123,18 @@ def result_line(result: Mapping[str, Any], output: str | Path) -> str:
     )
 
 
+def restored_module(
+    cfg: DictConfig, checkpoint: Mapping[str, Any], ckpt: str | Path
+) -> EpisodicModule:
+    """The module `cfg` builds, holding the weights of `checkpoint` (read from `ckpt`; the
+    names of older versions mapped), refused in one line where they do not fit it."""
+    module = build_module(cfg)
+    state_dict = current_state_dict(checkpoint["state_dict"])
+    check_state_fits(module, state_dict, "ckpt", ckpt)
+    module.load_state_dict(state_dict)
+    return module
+
+
 def evaluate_prefixes(
     ckpt: str | Path,
     counts: Sequence[int],
@@ -162,10 +174,7 @@ def evaluate_prefixes(
     for n in counts:
         check_value("episodes", n, int_at_least(2))
     set_threads(threads)
-    module = build_module(cfg)
-    state_dict = current_state_dict(checkpoint["state_dict"])
-    check_state_fits(module, state_dict, "ckpt", ckpt)
-    module.load_state_dict(state_dict)
+    module = restored_module(cfg, checkpoint, ckpt)
     datamodule = build_datamodule(cfg, test_episodes=max(counts))
     datamodule.setup()
     trainer = pl.Trainer(

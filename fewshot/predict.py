@@ -13,15 +13,14 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import Tensor
 
-from fewshot.build import build_module
-from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
+from fewshot.checkpointing import check_checkpoint_fits, load_checkpoint
 from fewshot.config import check_config, upgraded
 from fewshot.data.decoding import rgb_bytes
 from fewshot.data.episodes import Episodes
 from fewshot.data.omniglot import decode_image
 from fewshot.errors import ConfigError, DataError
-from fewshot.evaluation import precision
-from fewshot.module import EpisodicModule, current_state_dict
+from fewshot.evaluation import precision, restored_module
+from fewshot.module import EpisodicModule
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -79,11 +78,7 @@ class Predictor:
         cfg = upgraded(stored)
         check_config(cfg)
         check_checkpoint_fits(cfg, stored, "ckpt", ckpt, "predict.py uses the run's own model")
-        module = build_module(cfg)
-        state_dict = current_state_dict(checkpoint["state_dict"])
-        check_state_fits(module, state_dict, "ckpt", ckpt)
-        module.load_state_dict(state_dict)
-        return cls(module, cfg)
+        return cls(restored_module(cfg, checkpoint, ckpt), cfg)
 
     def read(self, paths: Sequence[str | os.PathLike]) -> Tensor:
         """Image files as the checkpoint's dataset reads them: uint8 [n, C, S, S]."""
