@@ -20,7 +20,7 @@ from fewshot.config import CONF, check_config
 from fewshot.console import quiet_lightning
 from fewshot.errors import reported_as_one_line, run_entry_point
 from fewshot.evaluation import result_line, score_checkpoint
-from fewshot.runs import Run, config_subdir, run_dir_of
+from fewshot.runs import Run, config_subdir, locked_run, run_dir_of
 from fewshot.sweep import recorded_job
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,9 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    with reported_as_one_line(), recorded_job(run_dir, cfg, multirun) as job:
+    # A single run's folder was checked and locked before Hydra wrote into it (RunFolderGuard,
+    # conf/train.yaml); a sweep's job takes its folder's lock here, before it records anything.
+    with reported_as_one_line(), locked_run(run_dir), recorded_job(run_dir, cfg, multirun) as job:
         if job.finished:  # its test, if it had one, is in its eval/ already
             return job.value
         check_config(cfg)
@@ -52,6 +54,7 @@ def main(cfg: DictConfig) -> float | None:
             datamodule = build_datamodule(cfg)
             datamodule.setup()  # data errors surface now, before any training
             trainer = build_trainer(cfg, run_dir, restart_step)
+            job.starts_training()
             trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
             best, step = fit_outcome(trainer)
             tested = final_test(cfg, run_dir, trainer) if cfg.test_after_training else None

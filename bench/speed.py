@@ -50,12 +50,13 @@ from omegaconf import OmegaConf
 from torch.autograd import DeviceType
 
 from bench import reference
-from fewshot.config import backbone_config, check_exclusive, group_option, learner_from
+from fewshot.config import backbone_config, check_exclusive, learner_from
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
 from fewshot.learners import TASK_BATCHING, plain_backward, run_tasks, task_scorer
 from fewshot.learners.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
+from fewshot.stored_config import group_option
 
 REFERENCE = "reference"
 

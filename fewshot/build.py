@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,6 +21,7 @@ from fewshot.errors import ConfigError, instantiate
 from fewshot.learners import Learner, run_tasks, task_scorer
 from fewshot.models.functional import FunctionalBackbone
 from fewshot.module import EpisodicModule
+from fewshot.stored_config import meta_lr_schedule
 from fewshot.threads import AUTO, auto_threads
 
 
@@ -45,7 +45,7 @@ def build_module(cfg: DictConfig) -> EpisodicModule:
         cfg.algo.meta_lr,
         cfg.algo.get("grad_clip"),
         resolved_config(cfg),
-        hydra.utils.instantiate(cfg.algo.get("meta_lr_schedule")),
+        meta_lr_schedule(cfg.algo.get("meta_lr_schedule")),
     )
 
 

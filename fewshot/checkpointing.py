@@ -16,11 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
 from torch import nn
 
-from fewshot.config import upgraded
 from fewshot.data.files import atomic_path
 from fewshot.errors import ConfigError, DataError
 from fewshot.module import current_state_dict
 from fewshot.runs import Run, best_val_acc
+from fewshot.stored_config import upgraded
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,45 @@ class LatestCheckpoint(Checkpoint):
         self.saved_step = state_dict["saved_step"]
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """Keeps `best.ckpt`, the checkpoint of the best val/acc so far, and its score across resumes.
+
+    Lightning's own restores the best score only in the folder it was written in (its recorded
+    `dirpath`): resumed after its folder was moved or copied, a run would start with none, and
+    its next validation, however much worse, would replace best.ckpt and the result. This one
+    restores the score and points the best path into its own checkpoints folder, wherever that
+    now lives, whenever that folder holds the best checkpoint the score belongs to: a run
+    resumed in its own folder from its last.ckpt.
+
+    Resuming into a new folder (from best.ckpt, which runs.run_dir_of sends to a new run, or
+    from a checkpoint outside a run's folder) starts with no best score: the new run's best.ckpt
+    and result.json are of the models it trains, scored by its own validation (whose settings
+    it may have changed); the checkpoint it started from keeps its score in its own run.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Lightning files a callback's state under its class name: checkpoints written with
+        # ModelCheckpoint itself resume into this one, and this one's into it.
+        own = super().state_key
+        return ModelCheckpoint.__qualname__ + own.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recorded, score = state_dict.get("best_model_path"), state_dict.get("best_model_score")
+        if not recorded or score is None:
+            return
+        here = Path(self.dirpath) / Path(recorded).name
+        if not here.is_file():  # a new folder: its best is of the models it trains
+            return
+        path = str(here)
+        self.best_model_score, self.best_model_path = score, path
+        self.best_k_models = {path: score}
+        self.kth_best_model_path, self.kth_value = path, score
+
+
 def checkpoint_callbacks(run_dir: Path) -> list[Callback]:
     run = Run(run_dir)
-    best = ModelCheckpoint(
+    best = BestCheckpoint(
         dirpath=run.checkpoints,
         filename=run.best_ckpt.stem,
         monitor="val/acc",
@@ -116,27 +152,63 @@ def fit_outcome(trainer: pl.Trainer) -> tuple[Any, int]:
     return best_val_acc(checkpoint), checkpoint["global_step"]
 
 
-def load_checkpoint(path: str | Path, key: str = "ckpt") -> tuple[DictConfig, dict[str, Any]]:
-    """The run config stored in a fewshot checkpoint, and the checkpoint itself (read by
-    `read_as_data`); `key` is the config key that named the file, for the error messages."""
+def load_checkpoint(
+    path: str | Path, key: str = "ckpt", state: tuple[str, ...] = ("state_dict",)
+) -> tuple[DictConfig, dict[str, Any]]:
+    """The run config stored in a fewshot checkpoint, rebuilt on fewshot's own config tree
+    (stored_config.upgraded: nothing in it is imported or resolved), and the checkpoint itself
+    (read by `read_as_data`). Refused if a floating tensor of its `state` entries is not
+    finite. `key` is the config key that named the file, for the error messages."""
     checkpoint = read_as_data(path, key)
     path = Path(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("fewshot_config"), dict):
         raise ConfigError(
             f"{key}={path} was not written by fewshot's train.py (no run config in it)"
         )
-    stored = OmegaConf.create(checkpoint["fewshot_config"])
-    missing = [k for k in STORED_KEYS if OmegaConf.select(stored, k, default=None) is None]
+    raw = checkpoint["fewshot_config"]
+    missing = [k for k in STORED_KEYS if _stored(raw, k) is None]
     missing += ["state_dict"] * (not isinstance(checkpoint.get("state_dict"), dict))
     if missing:
         raise ConfigError(
             f"{key}={path} was not written by fewshot's train.py (it lacks {', '.join(missing)})"
         )
-    try:
-        upgraded(stored)
-    except ConfigError as err:
-        raise ConfigError(f"{key}={path} holds a run fewshot cannot rebuild: {err}") from err
+    stored = upgraded(raw, f"{key}={path}")
+    for entry in state:
+        bad = first_non_finite(checkpoint.get(entry), entry)
+        if bad is not None:
+            raise DataError(
+                f"{key}={path} is refused: {bad} holds NaN or infinite values (the run had "
+                "diverged when it was written); use an earlier checkpoint of the run"
+            )
     return stored, checkpoint
+
+
+def _stored(raw: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a stored config as unpickled; None where absent."""
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def first_non_finite(tree: Any, name: str) -> str | None:
+    """The name (dotted, as in `tree`) of the first floating tensor in `tree` (nested dicts and
+    lists, as a checkpoint holds them) with a NaN or an infinity; None if all are finite."""
+    if isinstance(tree, torch.Tensor):
+        finite = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return None if finite else name
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, list | tuple)
+        else ()
+    )
+    for child, value in items:
+        found = first_non_finite(value, f"{name}.{child}")
+        if found is not None:
+            return found
+    return None
 
 
 def read_as_data(path: str | Path, key: str = "ckpt") -> Any:
@@ -173,7 +245,9 @@ def _unsafe_globals(path: Path) -> list[str]:
     admits, found by reading the pickle's opcodes, not by running them; [] if it cannot tell."""
     try:
         return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (ValueError, RuntimeError):  # not a torch.save zip (a bare pickle): no names to give
+    # Not a torch.save zip (a bare pickle), or opcodes it cannot parse (a damaged file): no
+    # names to give, and the caller's message says the file is damaged.
+    except (ValueError, RuntimeError, pickle.UnpicklingError):
         return []
 
 
@@ -237,7 +311,10 @@ def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
     that differ from the checkpoint's (the resumed run then differs from an uninterrupted one).
     Returns the checkpoint's step."""
     path = Path(cfg.ckpt_path)
-    stored, checkpoint = load_checkpoint(path, key="ckpt_path")
+    # The optimiser's state too: Adam's moments would carry a NaN into every later step.
+    stored, checkpoint = load_checkpoint(
+        path, key="ckpt_path", state=("state_dict", "optimizer_states")
+    )
     missing = [k for k in ("global_step", "optimizer_states", "loops") if k not in checkpoint]
     if missing:
         raise ConfigError(

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from fewshot.errors import ConfigError
-from fewshot.runs import Run
+from fewshot.runs import Run, requeued
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,22 @@ def job_device(cfg: DictConfig, hydra_cfg: Any) -> Iterator[None]:
 def requeued_resume(cfg: DictConfig, run_dir: Path) -> int | None:
     """In a job SLURM requeued (preempted, or timed out and requeued by submitit), continue
     from the run's own last.ckpt: set `ckpt_path` to it and return None (its step comes from the
-    checkpoint). A requeued job with no checkpoint yet starts over in its folder: return 0, so the
-    TensorBoard events its first attempt logged are dropped. Otherwise return None, unchanged."""
-    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) == 0 or cfg.ckpt_path is not None:
+    checkpoint). That holds for a job started from another checkpoint too: its own last.ckpt is
+    past it, and starting from it again would overwrite the job's own progress. A requeued job
+    with no checkpoint of its own yet starts over in its folder as it first started: from its
+    `ckpt_path` (None: the TensorBoard events past that checkpoint's step are dropped), or from
+    scratch (0: all the events its first attempt logged are dropped). Otherwise return None,
+    `cfg` unchanged."""
+    if not requeued():
         return None
     last = Run(run_dir).last_ckpt
     restarts = os.environ["SLURM_RESTART_COUNT"]
     if last.is_file():
         log.info("requeued job (restart %s): resuming from %s", restarts, last)
         cfg.ckpt_path = str(last)
+        return None
+    if cfg.ckpt_path is not None:
+        log.info("requeued job (restart %s): starting again from %s", restarts, cfg.ckpt_path)
         return None
     log.info("requeued job (restart %s) with no checkpoint yet: starting over", restarts)
     return 0

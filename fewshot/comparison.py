@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewshot.data.files import write_json
-from fewshot.errors import ConfigError
-from fewshot.evaluation import evaluate_prefixes
+from omegaconf import DictConfig
+
+from fewshot.data.files import unwritable, write_json
+from fewshot.errors import ConfigError, DataError, user_error
+from fewshot.evaluation import evaluate_prefixes, result_paths
 from fewshot.reporting import (
     SEED,
     Row,
@@ -23,7 +25,11 @@ from fewshot.reporting import (
     seed_groups,
     write_table,
 )
-from fewshot.runs import Run, eval_result_path, sweep_jobs, task_suffix
+from fewshot.runs import Run, sweep_jobs
+
+# The status of a checkpoint that could not be scored (damaged, or refusing the overrides):
+# its row is kept, with the reason, and the others are scored.
+NOT_EVALUATED = "not evaluated"
 
 
 @dataclass
@@ -62,11 +68,14 @@ def evaluate_targets(
     threads: int | str | None = None,
 ) -> list[Row]:
     """One row per target: its results for every episode count (also written as the usual JSON
-    files beside each checkpoint), or why it has none. On a terminal, a progress bar per
-    checkpoint says which of how many it is and the time the others will take."""
+    files beside each checkpoint), or why it has none. A checkpoint that cannot be scored (a
+    user error: damaged, refusing the overrides, its result files unwritable) is a row marked
+    NOT_EVALUATED with its one-line reason, and the others are still scored. On a terminal, a
+    progress bar per checkpoint says which of how many it is and the time the others will take."""
     rows = []
     scored = [t for t in targets if t.ckpt is not None]
     started = time.monotonic()
+    tried = done = 0
     for target in targets:
         run_overrides = target.run.override_values()
         if target.ckpt is None:
@@ -74,17 +83,62 @@ def evaluate_targets(
             status = "failed" if error else "no best.ckpt"
             rows.append(Row(target.name, run_overrides, status, error=error))
             continue
-        done = sum(bool(r.results) for r in rows)
-        label = f"checkpoint {done + 1}/{len(scored)} {target.name}"
+        label = f"checkpoint {tried + 1}/{len(scored)} {target.name}"
         if done:
             per_checkpoint = (time.monotonic() - started) / done
-            label += f" (then ~{per_checkpoint * (len(scored) - done - 1) / 60:.0f} min more)"
-        results = evaluate_prefixes(target.ckpt, counts, seed, overrides, threads, label)
-        for result in results:
-            task = task_suffix(overrides or {}, result["protocol"])
-            write_json(eval_result_path(target.ckpt, result["episodes"], seed, task), result)
+            label += f" (then ~{per_checkpoint * (len(scored) - tried - 1) / 60:.0f} min more)"
+        tried += 1
+        try:
+            results = scored_and_written(target.ckpt, counts, seed, overrides, threads, label)
+        except Exception as err:
+            reason = user_error(err)
+            if reason is None:  # a bug, not the checkpoint's fault: a traceback
+                raise
+            rows.append(Row(target.name, run_overrides, NOT_EVALUATED, error=str(reason)))
+            continue
+        done += 1
         rows.append(Row.evaluated(target.name, run_overrides, results))
     return sorted(rows, key=Row.rank)
+
+
+def scored_and_written(
+    ckpt: Path,
+    counts: Sequence[int],
+    seed: int,
+    overrides: Mapping[str, Any] | None,
+    threads: int | str | None,
+    label: str,
+) -> list[dict[str, Any]]:
+    """evaluate_prefixes' results of one checkpoint, each written to the file evaluate.py
+    gives it alone (evaluation.result_paths), which is checked writable before scoring."""
+    paths: list[Path] = []
+
+    def check_files(cfg: DictConfig, own: DictConfig) -> None:
+        paths.extend(result_paths(ckpt, counts, seed, overrides or {}, cfg, own))
+        for path in paths:
+            reason = unwritable(path)
+            if reason is not None:
+                raise ConfigError(f"its result file {path} cannot be written: {reason}")
+
+    results = evaluate_prefixes(ckpt, counts, seed, overrides, threads, label, check_files)
+    for path, result in zip(paths, results):
+        write_json(path, result)
+    return results
+
+
+def check_all_evaluated(targets: Sequence[Target], rows: Sequence[Row], table: Path) -> None:
+    """Raise a DataError naming the checkpoints `rows` mark NOT_EVALUATED: called once the
+    table is written, so that the others' results are kept and the exit status still says
+    that some are missing."""
+    names = {row.name for row in rows if row.status == NOT_EVALUATED}
+    if not names:
+        return
+    failed = [str(t.ckpt) for t in targets if t.name in names]
+    tried = sum(t.ckpt is not None for t in targets)
+    raise DataError(
+        f"{len(failed)} of {tried} checkpoints could not be evaluated: {', '.join(failed)}; "
+        f"why is in the status column of {table}"
+    )
 
 
 _PROTOCOL_COLUMNS = ("batch_norm", "batch_norm_train")

@@ -13,18 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fewshot.errors import ConfigError, instantiate
 from fewshot.learners.learner import BATCH_NORM_MODES, Learner
 from fewshot.learners.tasks import TASK_BATCHING
 from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
 from fewshot.models.functional import FunctionalBackbone
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from fewshot.stored_config import CONF, schedule_class  # noqa: F401 (CONF: the entry points read it here)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +188,9 @@ def check_config(cfg: DictConfig) -> None:
                 f"lower {key} (0 turns it off)"
             )
     check_backbone_fits(cfg)
+    schedule = OmegaConf.select(cfg, "algo.meta_lr_schedule", default=None)
+    if schedule is not None:
+        schedule_class(OmegaConf.to_container(schedule, resolve=True))
     if _select(cfg, "trainer.precision") == "bf16-mixed":
         warn_if_bf16_is_emulated(cfg.trainer.get("accelerator", "auto"))
 
@@ -287,9 +287,12 @@ def check_backbone_fits(cfg: DictConfig) -> None:
 
 
 def backbone_config(cfg: DictConfig) -> DictConfig:
-    """The backbone group with `auto` choices resolved for this run: vmap cannot batch
-    channels-last tensors, so `auto` means the standard layout there."""
+    """The backbone's arguments, `auto` choices resolved for this run: vmap cannot batch
+    channels-last tensors, so `auto` means the standard layout there. Its `name` (which option
+    of conf/backbone/ it is) is not an argument."""
     backbone = cfg.backbone.copy()
+    with open_dict(backbone):
+        backbone.pop("name", None)
     if cfg.algo.get("task_batching") == "vmap" and backbone.get("channels_last") == "auto":
         backbone.channels_last = False
     return backbone
@@ -300,45 +303,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"]["root"] = os.path.abspath(os.path.expanduser(config["data"]["root"]))
     return config
-
-
-def group_option(group: str, name: str) -> DictConfig:
-    """conf/<group>/<name>.yaml as Hydra composes it (its defaults list applied)."""
-    overrides = [f"{group}={name}"]
-    if GlobalHydra.instance().is_initialized():  # inside train.py's or evaluate.py's app
-        return compose("train", overrides=overrides)[group]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides)[group]
-
-
-# Keys that moved: old place -> new place.
-MOVED = {"trainer.threads": "threads", "trainer.compile": "algo.compile"}
-# Keys replaced by one of other values: old key -> (new key, old value -> new value).
-REPLACED = {"algo.vmap_tasks": ("algo.task_batching", {True: "vmap", False: "loop"})}
-
-
-def upgraded(stored: DictConfig) -> DictConfig:
-    """A run config stored by any fewshot version, with the keys the current code reads: a key
-    that moved is moved, an `algo` or `data` key added since takes its current default
-    (conf/<group>/<name>.yaml)."""
-    cfg = stored.copy()
-    for old, new in MOVED.items():
-        group, key = old.split(".")
-        if key in cfg.get(group, {}):
-            OmegaConf.update(cfg, new, cfg[group].pop(key), force_add=True)
-    for old, (new, values) in REPLACED.items():
-        group, key = old.split(".")
-        if key in cfg.get(group, {}):
-            OmegaConf.update(cfg, new, values[cfg[group].pop(key)], force_add=True)
-    for group in ("algo", "data"):
-        name = cfg[group].get("name")
-        defaults = CONF / group / f"{name}.yaml"
-        if not defaults.is_file():
-            choices = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-            raise ConfigError(f"{group}.name={name!r} is unknown; choose one of {choices}")
-        cfg[group] = OmegaConf.merge(group_option(group, name), cfg[group])
-    cfg.setdefault("threads", None)
-    return cfg
 
 
 def check_episode_fits(

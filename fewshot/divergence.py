@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -10,7 +11,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
-from fewshot.checkpointing import LatestCheckpoint
+from fewshot.checkpointing import LatestCheckpoint, first_non_finite, read_as_data
 from fewshot.errors import TrainingDiverged
 
 
@@ -21,6 +22,16 @@ def divergence_hint(algo: DictConfig) -> str:
     if "first_order" in algo and not algo.first_order:
         hint += ", or set algo.first_order=true"
     return hint
+
+
+def _finite(ckpt: Path) -> bool:
+    """Whether a checkpoint's weights are finite, so a message may call it the last good one
+    (a run resumed from a copied-over file would otherwise be sent back to it)."""
+    try:
+        state = read_as_data(ckpt).get("state_dict")
+    except (OSError, AttributeError):
+        return False
+    return first_non_finite(state, "state_dict") is None
 
 
 class StopOnNonFinite(Callback):
@@ -86,9 +97,11 @@ class StopOnNonFinite(Callback):
 
     def _stop(self, trainer: pl.Trainer, step: int, what: str) -> None:
         latest = next((c for c in trainer.callbacks if isinstance(c, LatestCheckpoint)), None)
-        if latest is not None and latest.path.is_file():
+        if latest is not None and latest.path.is_file() and _finite(latest.path):
             saved = f" (step {latest.saved_step})" if latest.saved_step >= 0 else ""
             kept = f"last good checkpoint: {latest.path}{saved}"
+        elif latest is not None and latest.path.is_file():
+            kept = f"{latest.path} holds non-finite weights too, so no checkpoint is good"
         else:
             kept = "no checkpoint was written before it"
         raise TrainingDiverged(f"training diverged at step {step}: {what}; {kept}; {self.hint}")

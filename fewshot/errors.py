@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import hydra
+import yaml
 from hydra.errors import (
     HydraException,
     InstantiationException,
@@ -108,7 +109,7 @@ def hydra_error_line(err: HydraException) -> str:
     cause = err.__cause__
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and full_key and "not in struct" in str(cause):
-        from fewshot.config import REPLACED  # config imports this module
+        from fewshot.stored_config import REPLACED  # which imports this module
 
         if full_key in REPLACED:
             new, values = REPLACED[full_key]
@@ -128,6 +129,17 @@ def hydra_error_line(err: HydraException) -> str:
     return "; ".join(line.strip() for line in lines if line.strip())
 
 
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """One line for a config file that is not valid YAML: the file, the line and the problem."""
+    mark = getattr(err, "problem_mark", None)
+    where = (
+        f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark else "a config file"
+    )
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = getattr(err, "context", None)
+    return f"{where} is not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def run_entry_point(main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` function; an unknown option, key or override syntax is one line on
     stderr and exit status 2, as our own config errors are, instead of Hydra's report."""
@@ -142,6 +154,9 @@ def run_entry_point(main: Callable[[], Any]) -> None:
         yours = user_error(err)
         line = str(yours) if yours is not None else hydra_error_line(err)
         print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except yaml.YAMLError as err:  # a config file of conf/ that is not YAML: Hydra lets it through
+        print(f"error: {yaml_error_line(err)}", file=sys.stderr)
         sys.exit(2)
 
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,9 @@ from torch import Tensor
 
 from fewshot.build import build_datamodule, build_module, set_threads
 from fewshot.checkpointing import check_checkpoint_fits, check_state_fits, load_checkpoint
-from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least, upgraded
+from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least
 from fewshot.console import EpisodeProgress
-from fewshot.data.files import write_json
+from fewshot.data.files import unwritable, write_json
 from fewshot.errors import ConfigError
 from fewshot.learners.maml import MAML
 from fewshot.learners.metalstm import MetaLSTM
@@ -101,15 +101,58 @@ def score_checkpoint(
     progress: str | None = "test",
 ) -> tuple[dict[str, Any], Path]:
     """evaluate.py's protocol for one checkpoint and one episode count: score it, write the
-    result JSON to `output` (None: `<run>/eval/`, named by runs.eval_result_path); return the
-    result and where it went."""
-    result = evaluate_checkpoint(ckpt, episodes, seed, overrides, threads, progress)
-    if output is None:
-        output = eval_result_path(
-            ckpt, episodes, seed, task_suffix(overrides or {}, result["protocol"])
-        )
-    write_json(output, result)
-    return result, Path(output)
+    result JSON to `output` (None: named by `result_paths`); return the result and where it
+    went. Where the JSON cannot be written is refused before the episodes are scored."""
+    paths = [] if output is None else [Path(output)]
+    if output is not None:
+        check_output(output, given=True)
+
+    def check_default_output(cfg: DictConfig, own: DictConfig) -> None:
+        paths.extend(result_paths(ckpt, [episodes], seed, overrides or {}, cfg, own))
+        check_output(paths[0], given=False)
+
+    (result,) = evaluate_prefixes(
+        ckpt,
+        [episodes],
+        seed,
+        overrides,
+        threads,
+        progress,
+        before_scoring=check_default_output if output is None else None,
+    )
+    write_json(paths[0], result)
+    return result, paths[0]
+
+
+def result_paths(
+    ckpt: str | Path,
+    counts: Sequence[int],
+    seed: int,
+    overrides: Mapping[str, Any],
+    cfg: DictConfig,
+    own: DictConfig,
+) -> list[Path]:
+    """Where evaluate.py writes the result of `ckpt` for each episode count of `counts` unless
+    told otherwise (runs.eval_result_path), named by the test-time settings among `overrides`
+    in which the evaluation's config `cfg` differs from the run's own config `own`: an override
+    that restates the run's own value leaves the name, and so the run's own file, as it is."""
+    own_values = {key: OmegaConf.select(own, key, default=None) for key in overrides}
+    own_values["trainer.precision"] = precision(own)
+    task = task_suffix(overrides, protocol(cfg), own_values)
+    return [eval_result_path(ckpt, n, seed, task) for n in counts]
+
+
+def check_output(path: str | Path, given: bool) -> None:
+    """Refuse a result path no file can be written at, in one line naming it and the key
+    `output` (`given`: the path is output='s; else the one output=null chooses). Checked
+    before scoring: found at the end, it would throw the scored episodes away."""
+    reason = unwritable(path)
+    if reason is None:
+        return
+    where = f"output={path}" if given else f"the result file {path} (output=null)"
+    raise ConfigError(
+        f"{where} cannot be written: {reason}; give output=<a file in a writable folder>"
+    )
 
 
 def result_line(result: Mapping[str, Any], output: str | Path) -> str:
@@ -142,6 +185,7 @@ def evaluate_prefixes(
     overrides: Mapping[str, Any] | None = None,
     threads: int | str | None = None,
     progress: str | None = "test",
+    before_scoring: Callable[[DictConfig, DictConfig], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Results on the first n fixed meta-test episodes for each n in `counts`, from one pass
     over max(counts) episodes: episode i does not depend on how many are drawn, so each is the
@@ -150,10 +194,12 @@ def evaluate_prefixes(
     `overrides` maps dotted keys of the run's config (`data.root`, `algo.inner_steps_test`,
     `algo.batch_norm_test`, `way`, `shot`, `query`, `algo.compile`, `trainer.precision`) to new
     values; None keeps the run's own. `progress`: the label of the progress bar shown on a
-    terminal while the episodes are scored (None: no bar).
+    terminal while the episodes are scored (None: no bar). `before_scoring(cfg, own)`, once the
+    evaluation's config `cfg` and the run's own `own` are checked and before anything is built
+    or scored, may refuse the evaluation (where its result would go cannot be written).
     """
     stored, checkpoint = load_checkpoint(ckpt)
-    cfg = upgraded(stored)
+    cfg = stored.copy()
     cfg.seed = seed
     # Evaluation runs where Lightning finds an accelerator, whatever the run trained on.
     OmegaConf.update(cfg, "trainer.accelerator", "auto", force_add=True)
@@ -173,6 +219,8 @@ def evaluate_prefixes(
     )
     for n in counts:
         check_value("episodes", n, int_at_least(2))
+    if before_scoring is not None:
+        before_scoring(cfg, stored)
     set_threads(threads)
     module = restored_module(cfg, checkpoint, ckpt)
     datamodule = build_datamodule(cfg, test_episodes=max(counts))

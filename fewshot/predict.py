@@ -14,8 +14,8 @@ from PIL import Image
 from torch import Tensor
 
 from fewshot.checkpointing import check_checkpoint_fits, load_checkpoint
-from fewshot.config import check_config, upgraded
-from fewshot.data.decoding import rgb_bytes
+from fewshot.config import check_config
+from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes
 from fewshot.data.episodes import Episodes
 from fewshot.data.omniglot import decode_image
 from fewshot.errors import ConfigError, DataError
@@ -34,8 +34,8 @@ def read_image(path: str | os.PathLike, dataset: str, image_size: int) -> Tensor
             return decode_image(Path(path).read_bytes(), image_size)
         with Image.open(path) as image:
             pixels = rgb_bytes(image, image_size)
-    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot read image {path}: {err}") from err
+    except IMAGE_ERRORS as err:  # a header claiming a huge size included: one line, no traceback
+        raise DataError(f"cannot read image {path}: {image_error(err)}") from err
     square = torch.frombuffer(bytearray(pixels), dtype=torch.uint8)
     return square.view(image_size, image_size, 3).permute(2, 0, 1)
 
@@ -47,7 +47,9 @@ def images_in(folder: str | os.PathLike, key: str) -> list[Path]:
         return [folder]
     if not folder.is_dir():
         raise ConfigError(f"{key}={folder} is neither an image file nor a folder")
-    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not found:
         raise ConfigError(f"{key}={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return found
@@ -75,7 +77,7 @@ class Predictor:
     def from_checkpoint(cls, ckpt: str | os.PathLike) -> Predictor:
         """Rebuild the run of a fewshot checkpoint, read as data only."""
         stored, checkpoint = load_checkpoint(ckpt)
-        cfg = upgraded(stored)
+        cfg = stored.copy()
         check_config(cfg)
         check_checkpoint_fits(cfg, stored, "ckpt", ckpt, "predict.py uses the run's own model")
         return cls(restored_module(cfg, checkpoint, ckpt), cfg)
@@ -104,8 +106,7 @@ class Predictor:
         bf16 = precision(self.cfg) == "bf16-mixed"
         # As in evaluation: no outer graph; the learner enables grad for its inner loop alone.
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            *_, weights = learner.adapt(batch.support_x, batch.support_y, training=False)
-            logits = learner.query_logits(weights, batch.support_x, batch.query_x, training=False)
+            logits = learner.logits(batch.support_x, batch.support_y, batch.query_x)
         return logits.float()
 
     def predict(

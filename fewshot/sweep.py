@@ -32,7 +32,7 @@ from fewshot.reporting import (
     seed_groups,
     write_table,
 )
-from fewshot.runs import Run, sweep_jobs
+from fewshot.runs import Run, continues, process_rank, requeued, sweep_jobs
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,34 @@ def one_line(err: BaseException) -> str:
 
 class Job:
     """One training run's outcome. `finished` holds the result of an earlier run of the same
-    config in the same folder when it may be reused; `value` is what train.py returns."""
+    config in the same folder when it may be reused; `value` is what train.py returns.
+    `continuing`: the attempt continues the folder's own run (from its last.ckpt, or requeued by
+    SLURM) rather than starting one; `training`: it has started to write into the folder."""
 
-    def __init__(self, run: Run, digest: str, finished: dict[str, Any] | None) -> None:
+    def __init__(
+        self,
+        run: Run,
+        digest: str,
+        finished: dict[str, Any] | None,
+        continuing: bool = False,
+    ) -> None:
         self.run, self.digest, self.finished = run, digest, finished
         self.value: float | None = None if finished is None else finished["val/acc"]
+        self.continuing, self.training = continuing, False
+
+    def starts_training(self) -> None:
+        """Called once every check has passed, just before training: from here on the folder
+        holds this attempt's work, and its failure is recorded whatever the folder held. An
+        attempt that starts over in a folder an earlier one trained in (a sweep's job retried
+        after it failed or was interrupted, retrained with skip_finished=false or another
+        config) first sets that one's checkpoints, events, evaluations and result aside in
+        `earlier/<time>/` (Run.set_aside): it overwrites none of them and mixes no events."""
+        self.training = True
+        if self.continuing or process_rank() > 0:  # the first process moves them, once
+            return
+        aside = self.run.set_aside()
+        if aside is not None:
+            log.info("starting over: the earlier attempt's files are set aside in %s", aside)
 
     def completed(self, best_val_acc: Any, step: int, tested: dict[str, Any] | None = None) -> None:
         """Record a run that trained to the end; `best_val_acc` is a number, tensor or None;
@@ -93,6 +116,12 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
     (the job returns None); a single run re-raises it (a user error then exits with status 2).
     With `skip_finished` (default true), a multirun job whose folder already holds a completed
     result of the same config reuses it instead of training again.
+
+    A failure before training starts (Job.starts_training: a refused resume, a config or data
+    error) has changed nothing in the folder, and leaves its record so: it replaces no completed
+    result (only a run that trained may), and no result of a run it was to continue (a resume
+    refused leaves the run as it was; the error is on stderr and in the log). Otherwise it is
+    recorded: in a fresh folder, or over the failure of an earlier attempt it retried.
     """
     digest = config_digest(cfg)
     run = Run(run_dir)
@@ -104,13 +133,19 @@ def recorded_job(run_dir: Path, cfg: DictConfig, multirun: bool) -> Iterator[Job
         and earlier.get("status") == "completed"
         and earlier.get("config") == digest
     )
-    job = Job(run, digest, earlier if reuse else None)
+    continuing = requeued() or continues(run_dir, cfg.get("ckpt_path"))
+    job = Job(run, digest, earlier if reuse else None, continuing)
     if reuse:
         log.info("%s finished earlier (val/acc %s): not training it again", run_dir, job.value)
     try:
         yield job
     except Exception as err:
-        job.failed(err)
+        kept = earlier is not None and (continuing or earlier.get("status") == "completed")
+        if job.training or not kept:
+            job.failed(err)
+        else:
+            job.value = None
+            log.info("%s keeps its result: this attempt failed before it trained", run_dir)
         if not multirun:
             raise
         if user_error(err) is not None:

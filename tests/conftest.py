@@ -18,13 +18,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 
 from fewshot.checkpointing import load_checkpoint
-from fewshot.config import group_option, learner_from
+from fewshot.config import learner_from
 from fewshot.data.episodes import ClassImages, Episodes
 from fewshot.data.omniglot import load_omniglot
 from fewshot.learners import EpisodeResults, Learner, TaskLoop, run_tasks
 from fewshot.learners.tasks import Backward, TaskScorer
 from fewshot.models.conv4 import Conv4
 from fewshot.models.functional import Statistics, Weights
+from fewshot.stored_config import group_option
 
 torch.set_num_threads(1)  # 2 threads on 2 vCPUs is erratic (see README); 1 is stable
 
@@ -385,6 +386,11 @@ class FunctionalLinear(nn.Linear):
         self, weights: Weights, x: Tensor, statistics: Statistics | None = None
     ) -> Tensor:
         return F.linear(x, weights["weight"], weights.get("bias"))
+
+    def embed_with(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        return x  # the layer is all head
 
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         return {}

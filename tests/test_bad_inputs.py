@@ -212,7 +212,7 @@ BAD_INPUTS = [
     (
         "load_checkpoint",
         ["{unknown_algo}"],
-        ["ckpt={unknown_algo} holds a run fewshot cannot rebuild", "algo.name='protonet'"],
+        ["ckpt={unknown_algo} is refused", "algo.name='protonet', which is not an option"],
     ),
     ("load_checkpoint", ["{no_weights}"], ["ckpt={no_weights}", "it lacks state_dict"]),
     (
@@ -263,4 +263,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_unrun(script, key, tmp_path
     assert errors == [
         f"error: {key}={payload} is refused: loading it would call posix.system, which is code, "
         "not data (fewshot reads checkpoints as tensors and plain values only)"
+    ]
+
+
+def test_an_experiment_file_that_is_not_yaml_is_one_line_naming_its_line(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    broken = tmp_path / "experiment" / "broken.yaml"
+    broken.write_text("way: 5\nshot: [1\nalgo:\n  meta_lr: 1\n")
+    proc = run_script("train.py", f"--config-dir={tmp_path}", "experiment=broken", expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {broken}, line 3, column 5 is not valid YAML: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence)"
     ]

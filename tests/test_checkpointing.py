@@ -1,5 +1,6 @@
 """Checkpoints are written whole, hold everything a resume needs, and are read as data only."""
 
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,18 @@ def test_a_training_step_draws_no_global_random_numbers(algo, omniglot):
         loss.backward()
         outcomes.append([loss.detach(), *(p.grad.clone() for p in module.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*outcomes))
+
+
+def test_a_checkpoint_with_a_corrupt_pickle_opcode_is_refused_in_one_line(tmp_path):
+    damaged = tmp_path / "damaged.ckpt"
+    with (
+        zipfile.ZipFile(OLD_CHECKPOINTS / "maml.ckpt") as src,
+        zipfile.ZipFile(damaged, "w") as dst,
+    ):
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = data[:40] + b"\xff" + data[41:]  # an opcode no unpickler has
+            dst.writestr(info, data)
+    with pytest.raises(DataError, match=f"ckpt={damaged} cannot be read as data: it is damaged"):
+        load_checkpoint(damaged)

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from fewshot import config
 from fewshot.build import build_module
-from fewshot.config import OUTER_LOOP_KEYS, check_config, upgraded
+from fewshot.config import OUTER_LOOP_KEYS, check_config
 from fewshot.errors import ConfigError
 from fewshot.evaluation import protocol
 from tests.conftest import compose_train
@@ -122,12 +122,3 @@ def test_every_learners_protocol_records_its_settings_as_json(algo):
         for k, v in OmegaConf.to_container(cfg.algo, resolve=True).items()
         if k not in OUTER_LOOP_KEYS and k != "_target_"
     }
-
-
-@pytest.mark.parametrize("vmap, batching", [(True, "vmap"), (False, "loop")])
-def test_a_stored_config_with_vmap_tasks_runs_its_tasks_as_it_did(vmap, batching):
-    stored = OmegaConf.create(OmegaConf.to_container(compose_train()))  # as a checkpoint holds it
-    stored.algo.pop("task_batching")
-    stored.algo.vmap_tasks = vmap
-    assert upgraded(stored).algo.task_batching == batching
-    assert "vmap_tasks" not in upgraded(stored).algo

@@ -66,6 +66,22 @@ def test_finite_steps_pass_every_check():
     guard.on_train_batch_end(trainer, model, None, None, 0)
     guard.on_validation_start(trainer, model)
     guard.on_save_checkpoint(trainer, model, {})
+    assert int(guard._bad_step) == -1  # recorded on the device: no step was marked bad
+
+
+def test_a_last_checkpoint_holding_nan_is_never_called_the_last_good_one(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    last = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"weight": torch.full((2, 2), float("nan"))}}, last)
+    trainer = SimpleNamespace(
+        global_step=3, callbacks=[LatestCheckpoint(last)], log_every_n_steps=1
+    )
+    guard = StopOnNonFinite("lower algo.meta_lr")
+    guard.on_before_backward(trainer, model, torch.tensor(float("nan")))
+    with pytest.raises(TrainingDiverged) as caught:
+        guard.on_validation_start(trainer, model)
+    assert "last good" not in str(caught.value)
+    assert f"{last} holds non-finite weights too, so no checkpoint is good" in str(caught.value)
 
 
 def test_a_non_finite_meta_loss_is_named_with_its_value_at_the_logging_step():

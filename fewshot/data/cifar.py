@@ -25,7 +25,18 @@ from PIL import Image
 
 from fewshot.data.decoding import rgb_bytes
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import cache_path, download, load_cache, md5sum, save_cache, source_record
+from fewshot.data.files import (
+    cache_path,
+    check_cache_writable,
+    data_root,
+    download,
+    image_misfit,
+    load_cache,
+    make_root,
+    md5sum,
+    save_cache,
+    source_record,
+)
 from fewshot.data.pickles import read_pickle
 from fewshot.errors import DataError
 
@@ -35,6 +46,11 @@ ARCHIVE = "cifar-100-python.tar.gz"
 URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 SPLITS = ("train", "val", "test")
+# What the archive of that md5 holds, and what both benchmarks' definitions say: 100 classes,
+# each of 500 train and 100 test images. Checked on the decoded data and on a cache, so a cache
+# cannot hand a split fewer classes or images than its definition.
+CLASSES = 100
+IMAGES_PER_CLASS = 600
 
 CIFAR_FS = {
     "train": (
@@ -152,13 +168,16 @@ def _decode_all(archive: Path, image_size: int) -> dict:
         fine.append(np.asarray(parts[part]["fine_labels"]))
         coarse.append(np.asarray(parts[part]["coarse_labels"]))
     pixels, fine, coarse = np.concatenate(pixels), np.concatenate(fine), np.concatenate(coarse)
+    if len(fine_names) != CLASSES:
+        raise DataError(f"{archive} names {len(fine_names)} classes, and CIFAR-100 has {CLASSES}")
     order, superclasses = [], []
-    per_class = int((fine == 0).sum())  # 600 in the official archive: 500 train + 100 test
+    per_class = IMAGES_PER_CLASS
     for c, name in enumerate(fine_names):
         index = np.flatnonzero(fine == c)  # its train images first, then its test images
-        if len(index) != per_class or not per_class:
+        if len(index) != per_class:
             raise DataError(
-                f"{archive}: class {name} has {len(index)} images, {fine_names[0]} {per_class}"
+                f"{archive}: class {name} has {len(index)} images, and every CIFAR-100 class "
+                f"has {per_class}; delete the archive and set data.download=true to fetch it again"
             )
         order.append(index)
         superclasses.append(coarse_names[int(coarse[index[0]])])
@@ -176,21 +195,40 @@ def _cache(root: Path, archive: Path, image_size: int, cache_dir: str | None):
     return cache_path(root, cache_dir, "cifar100", f"cifar100_{image_size}px_{key}.pt"), sources
 
 
+def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
+    """Why a cache read back does not fit this load (see files.load_cache), or None."""
+    if data.get("sources") != sources:
+        return "it was decoded from another archive than data.root holds now"
+    wrong = image_misfit(data, ("images",), 3, image_size)
+    if wrong is not None:
+        return wrong
+    shape = tuple(data["images"].shape[:2])
+    if shape != (CLASSES, IMAGES_PER_CLASS):
+        return (
+            f"it holds {shape[0]} classes of {shape[1]} images, not {CLASSES} of {IMAGES_PER_CLASS}"
+        )
+    if any(len(data.get(key, ())) != CLASSES for key in ("names", "superclasses")):
+        return "its class names do not match its images"
+    return None
+
+
 def _cifar100(
     root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None
 ) -> dict:
     """The decoded CIFAR-100 (see `_decode_all`), from its cache when the archive is unchanged."""
-    root = Path(root).expanduser()
+    root = data_root(root, ARCHIVE)
     if (root / ARCHIVE).is_file():
         cache, sources = _cache(root, root / ARCHIVE, image_size, cache_dir)
-        cached = load_cache(cache, mmap=True)
-        if cached is not None and cached.get("sources") == sources:
+        cached = load_cache(cache, mmap=True, misfit=lambda d: _misfit(d, image_size, sources))
+        if cached is not None:
             return cached
     elif not download:
         raise DataError(missing_data_message(root))
-    root.mkdir(parents=True, exist_ok=True)
+    else:
+        make_root(root)
     archive = _archive(root, download)
     cache, sources = _cache(root, archive, image_size, cache_dir)
+    check_cache_writable(cache)
     log.info("decoding CIFAR-100 from %s (once; cached at %s)", archive, cache)
     data = {**_decode_all(archive, image_size), "sources": sources}
     save_cache(cache, data)

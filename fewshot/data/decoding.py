@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
+import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from fewshot.data.files import ChunkedCache
 
@@ -19,6 +21,39 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 BLOCK = 2048  # images decoded, then written, together: ~43 MB at 84 px
 PROGRESS_EVERY_S = 10.0
+# What PIL raises on a file that is not a readable image: OSError (an unknown format, truncated
+# data), what its format parsers let through (ValueError, TypeError, SyntaxError, EOFError,
+# struct.error), and DecompressionBombError, which is a plain Exception, for a header claiming
+# more pixels than Image.MAX_IMAGE_PIXELS allows: a damaged file is not a crash.
+IMAGE_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+)
+_BOMB = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+) pixels")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def image_error(err: BaseException) -> str:
+    """Why PIL could not read an image, in one line for a message that names the file itself:
+    PIL names an in-memory file by its repr (`<_io.BytesIO object at 0x...>`), which says
+    nothing to the user."""
+    if isinstance(err, Image.DecompressionBombError):
+        claimed = _BOMB.search(str(err))
+        pixels = f"{int(claimed[1]):,} pixels" if claimed else "more pixels than PIL decodes"
+        limit = f" (PIL's limit: {int(claimed[2]):,})" if claimed else ""
+        return (
+            f"its header claims {pixels}{limit}, so it was not decoded: the file is damaged "
+            "or built to exhaust memory; replace it"
+        )
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL can read (unknown format, or damaged)"
+    text = " ".join(_OBJECT_REPR.sub("the image", str(err)).split())
+    return text or type(err).__name__
 
 
 def rgb_bytes(image: Image.Image, image_size: int) -> bytes:

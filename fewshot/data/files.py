@@ -14,7 +14,7 @@ import socket
 import stat
 import tempfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -75,10 +75,74 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def unwritable(path: str | os.PathLike) -> str | None:
+    """Why atomic_path could not write `path`, or None if it can: checked before work whose
+    result would otherwise be lost at the end.
+
+    atomic_path makes the missing folders and renames a new file in the folder onto `path`, so
+    what must hold is that `path` is not a folder, the nearest existing folder above it is a
+    folder, and a file can be created there. Creating one (and removing it) is the test: the
+    permission bits do not tell for root, a read-only mount or an ACL.
+    """
+    path = Path(path).absolute()
+    if path.is_dir():
+        return f"{path} is a folder"
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        return f"{above} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=above, prefix=".fewshot-write-test.")
+    except OSError as err:
+        return f"no file can be created in {above} ({err.strerror or err})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """`data` as indented JSON at `path`, written atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def data_root(root: str | os.PathLike, holds: str) -> Path:
+    """`data.root` as a path; DataError in one line if it is a file, since every loader reads
+    (or downloads into) a folder, and would otherwise fail on its first file with an errno."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"data.root={root} is a file, not a folder: set data.root to the folder that holds "
+            f"{holds}"
+        )
+    return root
+
+
+def make_root(root: Path) -> None:
+    """Create `data.root` to download into; DataError naming it if that cannot be done."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(
+            f"cannot create data.root={root} to download into ({err.strerror or err}): set "
+            "data.root to a folder you can write, or put the data there yourself"
+        ) from err
+
+
+def _cache_write_error(path: Path, reason: str) -> DataError:
+    return DataError(
+        f"cannot write the decoded-data cache {path}: {reason}; set data.cache_dir to a folder "
+        "you can write"
+    )
+
+
+def check_cache_writable(path: Path) -> None:
+    """Raise DataError naming `path` and data.cache_dir unless the cache can be written there:
+    checked before decoding, which takes minutes, rather than found after it."""
+    reason = unwritable(path)
+    if reason is not None:
+        raise _cache_write_error(path, reason)
 
 
 def cache_path(root: Path, cache_dir: str | None, dataset: str, name: str) -> Path:
@@ -150,8 +214,11 @@ def _checksum(digests: dict[str, str]) -> str:
 def save_cache(path: Path, data: dict[str, Any]) -> None:
     """Write `data` (tensors, lists of names) with a checksum of its contents, atomically."""
     checksum = _checksum({key: _entry_digest(value) for key, value in data.items()})
-    with atomic_path(path) as tmp:
-        torch.save({"data": data, "sha256": checksum}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({"data": data, "sha256": checksum}, tmp)
+    except OSError as err:  # a full disk, or a folder that became read-only since the check
+        raise _cache_write_error(path, err.strerror or str(err)) from err
 
 
 def raw_path(path: Path) -> Path:
@@ -164,8 +231,8 @@ class ChunkedCache:
     declared by `begin` and filled from its start by `append`, hashed on the way; other
     entries (names, sources) set by `put`."""
 
-    def __init__(self, file: IO[bytes]) -> None:
-        self._file = file
+    def __init__(self, file: IO[bytes], path: Path) -> None:
+        self._file, self._path = file, path  # `path`: what a failed write names
         self.layout: dict[str, tuple[tuple[int, ...], int]] = {}  # key -> (shape, byte offset)
         self.extra: dict[str, Any] = {}
         self.digests: dict[str, str] = {}
@@ -188,7 +255,10 @@ class ChunkedCache:
             raise ValueError(f"a chunk of {chunk.numel()} {chunk.dtype} does not fit {self._key}")
         data = chunk.contiguous().view(-1).numpy()
         self._hash.update(data)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as err:  # a full disk: many gigabytes go there
+            raise _cache_write_error(self._path, err.strerror or str(err)) from err
         self._left -= chunk.numel()
         if self._left == 0:
             self.finish()
@@ -215,12 +285,19 @@ def write_chunked_cache(path: Path) -> Iterator[ChunkedCache]:
     `path`; both appear only when the block succeeds, and nothing of a failed one stays.
     """
     with atomic_path(raw_path(path)) as tmp, open(tmp, "wb") as file:
-        cache = ChunkedCache(file)
+        cache = ChunkedCache(file, raw_path(path))
         yield cache
         cache.finish()
-    with atomic_path(path) as tmp:
-        stored = {"data": cache.extra, "layout": cache.layout, "sha256": _checksum(cache.digests)}
-        torch.save(stored, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            stored = {
+                "data": cache.extra,
+                "layout": cache.layout,
+                "sha256": _checksum(cache.digests),
+            }
+            torch.save(stored, tmp)
+    except OSError as err:
+        raise _cache_write_error(path, err.strerror or str(err)) from err
 
 
 def _mapped_tensors(path: Path, layout: dict[str, Any], mmap: bool) -> dict[str, torch.Tensor]:
@@ -238,13 +315,20 @@ def _mapped_tensors(path: Path, layout: dict[str, Any], mmap: bool) -> dict[str,
     }
 
 
-def load_cache(path: Path, mmap: bool = False, verify: bool = True) -> dict[str, Any] | None:
-    """What `save_cache` or a `CacheWriter` wrote, or None if there is none or it is damaged
-    (truncated, or its contents no longer match the checksum stored with them): a cache is
-    rebuilt, never trusted.
+def load_cache(
+    path: Path,
+    mmap: bool = False,
+    verify: bool = True,
+    misfit: Callable[[dict[str, Any]], str | None] | None = None,
+) -> dict[str, Any] | None:
+    """What `save_cache` or a `CacheWriter` wrote, or None if there is none, it is damaged
+    (truncated, or its contents no longer match the checksum stored with them) or it does not
+    fit: a cache is rebuilt, never trusted.
 
     `mmap` maps the tensors instead of reading them; `verify=False` then skips the checksum,
     which would read every byte (1.3 GB for Mini-ImageNet) — a truncated file still fails.
+    `misfit(data)` says why the contents do not fit what the loader asked for (images of
+    another size, a missing entry: a file copied or renamed into place), or None if they do.
     """
     if not path.is_file():
         return None
@@ -255,13 +339,34 @@ def load_cache(path: Path, mmap: bool = False, verify: bool = True) -> dict[str,
             data = {**data, **_mapped_tensors(path, stored["layout"], mmap)}
         digests = {key: _entry_digest(value) for key, value in data.items()} if verify else {}
         damaged = verify and _checksum(digests) != stored["sha256"]
+        reason = None if damaged or misfit is None else misfit(data)
     except Exception as err:
         log.warning("rebuilding cache %s: it cannot be read (%s)", path, err)
         return None
     if damaged:
         log.warning("rebuilding cache %s: its contents do not match their checksum", path)
         return None
+    if reason is not None:
+        log.warning("rebuilding cache %s: %s", path, reason)
+        return None
     return data
+
+
+def image_misfit(
+    data: dict[str, Any], keys: Sequence[str], channels: int, image_size: int
+) -> str | None:
+    """Why the uint8 image tensors `data[key]` [classes, per_class, channels, S, S] do not fit
+    data.image_size, or None: for `load_cache(misfit=...)`."""
+    for key in keys:
+        images = data.get(key)
+        if not isinstance(images, torch.Tensor):
+            return f"it holds no {key} images"
+        if images.dtype != torch.uint8 or images.dim() != 5 or images.shape[2] != channels:
+            return f"its {key} images are {images.dtype} {tuple(images.shape)}, not uint8 images"
+        if tuple(images.shape[-2:]) != (image_size, image_size):
+            size = "x".join(map(str, images.shape[-2:]))
+            return f"it holds {size} px images, and data.image_size={image_size}"
+    return None
 
 
 def source_record(root: Path, files: list[Path]) -> dict[str, int]:

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,16 +23,60 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fewshot.data.decoding import rgb_bytes, write_split
+from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, write_split
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import cache_path, load_cache, source_record, write_chunked_cache
+from fewshot.data.files import (
+    cache_path,
+    check_cache_writable,
+    data_root,
+    image_misfit,
+    load_cache,
+    source_record,
+    write_chunked_cache,
+)
 from fewshot.data.pickles import load_pickle
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Ravi & Larochelle's split (data.split=ravi): the ImageNet classes (wnids) of each meta-split,
+# 600 images each, as their train/val/test.csv list them (github.com/twitter-research/
+# meta-learning-lstm, data/miniImagenet); tests/data/test_damaged_data.py checks those CSVs
+# against it. Every release read here names its classes by these wnids.
+RAVI = {
+    "train": (
+        "n01532829", "n01558993", "n01704323", "n01749939", "n01770081", "n01843383",
+        "n01910747", "n02074367", "n02089867", "n02091831", "n02101006", "n02105505",
+        "n02108089", "n02108551", "n02108915", "n02111277", "n02113712", "n02120079",
+        "n02165456", "n02457408", "n02606052", "n02687172", "n02747177", "n02795169",
+        "n02823428", "n02966193", "n03017168", "n03047690", "n03062245", "n03207743",
+        "n03220513", "n03337140", "n03347037", "n03400231", "n03476684", "n03527444",
+        "n03676483", "n03838899", "n03854065", "n03888605", "n03908618", "n03924679",
+        "n03998194", "n04067472", "n04243546", "n04251144", "n04258138", "n04275548",
+        "n04296562", "n04389033", "n04435653", "n04443257", "n04509417", "n04515003",
+        "n04596742", "n04604644", "n04612504", "n06794110", "n07584110", "n07697537",
+        "n07747607", "n09246464", "n13054560", "n13133613",
+    ),
+    "val": (
+        "n01855672", "n02091244", "n02114548", "n02138441", "n02174001", "n02950826",
+        "n02971356", "n02981792", "n03075370", "n03417042", "n03535780", "n03584254",
+        "n03770439", "n03773504", "n03980874", "n09256479",
+    ),
+    "test": (
+        "n01930112", "n01981276", "n02099601", "n02110063", "n02110341", "n02116738",
+        "n02129165", "n02219486", "n02443484", "n02871525", "n03127925", "n03146219",
+        "n03272010", "n03544143", "n03775546", "n04146614", "n04149813", "n04418357",
+        "n04522168", "n07613480",
+    ),
+}  # fmt: skip
+IMAGES_PER_CLASS = 600
+# data.split: `ravi` is the paper split and takes nothing but it; `any` takes the classes a
+# smaller or other set in the same layouts divides into train/val/test (not a paper split).
+CLASS_SPLITS = ("ravi", "any")
+# MetaOptNet's pickles without `catname2label` name their classes by label only.
+_UNNAMED = re.compile(r"^class\d{3}$")
 # split -> the names its pickle has in each pickled release (the first present is read)
 PICKLES = {
     "mini-imagenet-cache pickles": {
@@ -179,12 +224,13 @@ def _read_metaoptnet_pickle(path: Path) -> Classes:
 
 @dataclass
 class Source:
-    """What data.root holds: its layout, the files read (relative path -> size), and a reader
-    of each split's classes."""
+    """What data.root holds: its layout, the files read (relative path -> size), a reader
+    of each split's classes, and where each split is read from (for messages)."""
 
     layout: str
     files: dict[str, int]
     read: Callable[[str], Classes]
+    origin: dict[str, Path]
 
 
 def find_source(root: Path) -> Source:
@@ -205,24 +251,73 @@ def find_source(root: Path) -> Source:
                 layout,
                 source_record(root, list(files.values())),
                 lambda split, read=read, files=files: read(files[split]),
+                files,
             )
     listing = find_images(root)
     if listing is None:
         raise DataError(missing_data_message(root))
     images = [file for classes in listing.values() for files in classes.values() for file in files]
-    layout = "images/ + split CSVs" if (root / "images").is_dir() else "class folders"
-    return Source(layout, source_record(root, images), listing.__getitem__)
+    if (root / "images").is_dir():
+        layout, origin = "images/ + split CSVs", {s: root / f"{s}.csv" for s in SPLITS}
+    else:
+        layout, origin = "class folders", {s: root / s for s in SPLITS}
+    return Source(layout, source_record(root, images), listing.__getitem__, origin)
 
 
-def _decode(image: Image_, image_size: int) -> bytes:
+def _decode_image(image: Image_, image_size: int) -> bytes:
     """An image file or uint8 [H, W, 3] pixels -> [S, S, 3] bytes."""
     if isinstance(image, np.ndarray):
         return rgb_bytes(Image.fromarray(image), image_size)
     try:
         with Image.open(image) as opened:
             return rgb_bytes(opened, image_size)
-    except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot read Mini-ImageNet image {image}: {err}") from err
+    except IMAGE_ERRORS as err:
+        raise DataError(f"cannot read Mini-ImageNet image {image}: {image_error(err)}") from err
+
+
+def check_ravi(split: str, counts: dict[str, int], origin: Path, exact: bool = True) -> None:
+    """Raise DataError naming the first class that is missing, extra or not of 600 images,
+    unless `counts` (class -> images) are meta-`split` of Ravi & Larochelle's split, read from
+    `origin`. `exact=False`: the counts are the fewest any class has (a cache keeps no more),
+    so only a shortfall can be seen."""
+    official = RAVI[split]
+    problem = None
+    if all(_UNNAMED.match(name) for name in counts):  # unnamed: only the count can be checked
+        if len(counts) != len(official):
+            problem = f"holds {len(counts)} meta-{split} classes"
+    elif missing := sorted(set(official) - counts.keys()):
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        problem = f"lacks the meta-{split} class {missing[0]}{more}"
+    elif extra := sorted(counts.keys() - set(official)):
+        problem = f"holds {extra[0]}, not a meta-{split} class of the split"
+    if problem is None:
+        name, fewest = min(counts.items(), key=lambda item: (item[1], item[0]))
+        most = max(counts.values())
+        if fewest < IMAGES_PER_CLASS:
+            which = name if exact else f"a meta-{split} class"
+            problem = f"holds {fewest} images of {which}"
+        elif exact and most > IMAGES_PER_CLASS:
+            which = next(n for n in sorted(counts) if counts[n] == most)
+            problem = f"holds {most} images of {which}"
+    if problem is not None:
+        sizes = "/".join(str(len(RAVI[s])) for s in SPLITS)
+        raise DataError(
+            f"{origin} {problem}; data.split=ravi is Ravi & Larochelle's split ({sizes} classes "
+            f"of {IMAGES_PER_CLASS} images): replace it with a complete copy of the release"
+        )
+
+
+def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
+    """Why a cache read back does not fit this load (see files.load_cache), or None."""
+    if data.get("sources") != sources:
+        return "it was decoded from other files than data.root holds now"
+    wrong = image_misfit(data, SPLITS, 3, image_size)
+    if wrong is not None:
+        return wrong
+    names = data.get("names")
+    if not isinstance(names, dict) or any(len(names.get(s, ())) != len(data[s]) for s in SPLITS):
+        return "its class names do not match its images"
+    return None
 
 
 def _splits(cached: dict) -> dict[str, ClassImages]:
@@ -230,7 +325,11 @@ def _splits(cached: dict) -> dict[str, ClassImages]:
 
 
 def load_miniimagenet(
-    root: str | os.PathLike, image_size: int, cache_dir: str | None = None, workers: int = 0
+    root: str | os.PathLike,
+    image_size: int,
+    cache_dir: str | None = None,
+    workers: int = 0,
+    split: str = "ravi",
 ) -> dict[str, ClassImages]:
     """Meta-train/val/test classes as uint8 images [classes, per_class, 3, S, S].
 
@@ -238,8 +337,17 @@ def load_miniimagenet(
     later runs memory-map, so a run starts in seconds and no episode decodes an image. The
     cache is named by, and records, the source files and their sizes: another source of the
     same data.root gets a cache of its own.
+
+    `split` (data.split): `ravi`, Ravi & Larochelle's split, takes exactly its 64/16/20
+    classes of 600 images (RAVI), whether decoded now or read from a cache. `any` is NOT a
+    paper split: it takes whatever classes the files of data.root divide into train, val and
+    test (a smaller set in the same layout, say), and its numbers compare with no published one.
     """
-    root = Path(root).expanduser()
+    if split not in CLASS_SPLITS:
+        raise ConfigError(
+            f"data.split={split!r} is not a Mini-ImageNet split; choose one of {CLASS_SPLITS}"
+        )
+    root = data_root(root, "a Mini-ImageNet release (see the README's table of layouts)")
     if not root.is_dir():
         raise DataError(missing_data_message(root))
     source = find_source(root)
@@ -247,27 +355,46 @@ def load_miniimagenet(
     cache = cache_path(
         root, cache_dir, "miniimagenet", f"miniimagenet_{image_size}px_{fingerprint}.pt"
     )
-    cached = load_cache(cache, mmap=True, verify=False)
-    if cached is not None and cached.get("sources") == source.files:
-        return _splits(cached)
+    cached = load_cache(
+        cache, mmap=True, verify=False, misfit=lambda data: _misfit(data, image_size, source.files)
+    )
+    if cached is None:
+        check_cache_writable(cache)
+        _decode(source, root, cache, image_size, workers, split)
+        cached = load_cache(cache, mmap=True, verify=False)
+    if split == "ravi":
+        for s in SPLITS:
+            counts = dict.fromkeys(cached["names"][s], cached[s].shape[1])
+            check_ravi(s, counts, source.origin[s], exact=False)
+    return _splits(cached)
+
+
+def _decode(
+    source: Source, root: Path, cache: Path, image_size: int, workers: int, split: str
+) -> None:
+    """Decode every split of `source` into `cache`, refusing what `split` does not take before
+    decoding it."""
     log.info("decoding Mini-ImageNet (%s) from %s (once; cached at %s)", source.layout, root, cache)
     started = time.perf_counter()
-    decode = functools.partial(_decode, image_size=image_size)
+    decode = functools.partial(_decode_image, image_size=image_size)
     names: dict[str, list[str]] = {}
     with write_chunked_cache(cache) as out:
-        for split in SPLITS:
-            classes = source.read(split)  # one split in memory at a time
+        for part in SPLITS:
+            classes = source.read(part)  # one split in memory at a time
             if not classes:
-                raise DataError(f"the meta-{split} split under data.root={root} has no classes")
+                raise DataError(f"the meta-{part} split under data.root={root} has no classes")
+            if split == "ravi":
+                counts = {name: len(images) for name, images in classes.items()}
+                check_ravi(part, counts, source.origin[part])
             for other, seen in names.items():
                 if shared := sorted(set(seen) & classes.keys()):
                     raise DataError(
-                        f"classes {shared[:3]} are in both meta-{other} and meta-{split} under {root}"
+                        f"classes {shared[:3]} are in both meta-{other} and meta-{part} "
+                        f"under {root}"
                     )
-            names[split] = list(classes)
-            write_split(out, split, classes, decode, image_size, workers, f"meta-{split}")
+            names[part] = list(classes)
+            write_split(out, part, classes, decode, image_size, workers, f"meta-{part}")
             del classes
         out.put("names", names)
         out.put("sources", source.files)
     log.info("decoded Mini-ImageNet in %.0f s", time.perf_counter() - started)
-    return _splits(load_cache(cache, mmap=True, verify=False))

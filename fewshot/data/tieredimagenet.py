@@ -10,21 +10,37 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fewshot.data.decoding import rgb_bytes, write_split
+from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, write_split
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import cache_path, load_cache, source_record, write_chunked_cache
+from fewshot.data.files import (
+    cache_path,
+    check_cache_writable,
+    data_root,
+    image_misfit,
+    load_cache,
+    source_record,
+    write_chunked_cache,
+)
 from fewshot.data.pickles import load_pickle
-from fewshot.errors import DataError
+from fewshot.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 LABEL_KEYS = ("label_specific", "label_general", "label_specific_str", "label_general_str")
+# Ren et al.'s split (data.split=ren): meta-split -> (classes, categories). It is defined by
+# categories, so these counts are what defines it; its classes hold unequal numbers of images
+# (the paper fixes none per class), so no image count is checked beyond every class having one.
+REN = {"train": (351, 20), "val": (97, 6), "test": (160, 8)}
+# data.split: `ren` is the paper split and takes nothing but it; `any` takes the classes a
+# smaller or other release in the same files holds (not a paper split).
+CLASS_SPLITS = ("ren", "any")
 
 
 def missing_data_message(root: Path) -> str:
@@ -68,13 +84,18 @@ def _decode(item: tuple[str, object], image_size: int) -> bytes:
         data = png.tobytes() if isinstance(png, np.ndarray) else bytes(png)
         with Image.open(io.BytesIO(data)) as image:
             return rgb_bytes(image, image_size)
-    except (OSError, ValueError, TypeError) as err:
-        raise DataError(f"cannot decode tieredImageNet image {where}: {err}") from err
+    except IMAGE_ERRORS as err:
+        raise DataError(f"cannot decode tieredImageNet image {where}: {image_error(err)}") from err
 
 
-def _split_classes(images: Path, labels: Path) -> dict[str, list[tuple[str, object]]]:
-    """Class name -> its (where, PNG) items in file order, classes by id; one split in memory."""
+def _split_classes(
+    images: Path, labels: Path, check: Callable[[list[str]], None] | None = None
+) -> dict[str, list[tuple[str, object]]]:
+    """Class name -> its (where, PNG) items in file order, classes by id; one split in memory.
+    `check(class names)` runs before the images are read, which is the long part."""
     specific, names = _labels(labels)
+    if check is not None:
+        check([names[c] for c in np.unique(specific)])
     # A list of PNG arrays and nothing else: read as bytes, each array keeps its PNG in place.
     pngs = load_pickle(images, encoding="bytes")
     if not isinstance(pngs, list | tuple | np.ndarray) or len(pngs) != len(specific):
@@ -91,8 +112,38 @@ def _split_classes(images: Path, labels: Path) -> dict[str, list[tuple[str, obje
     return classes
 
 
+def check_ren(split: str, names: list[str], origin: Path) -> None:
+    """Raise DataError unless the classes `names` ("<category>/<class>") of meta-`split`, read
+    from `origin`, are as many, in as many categories, as Ren et al.'s split has."""
+    classes, categories = REN[split]
+    found = len({name.split("/", 1)[0] for name in names})
+    if (len(names), found) != (classes, categories):
+        raise DataError(
+            f"{origin} holds {len(names)} meta-{split} classes in {found} categories, and Ren et "
+            f"al.'s split, which data.split=ren is, has {classes} in {categories}: replace it "
+            "with a complete copy of the release"
+        )
+
+
+def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
+    """Why a cache read back does not fit this load (see files.load_cache), or None."""
+    if data.get("sources") != sources:
+        return "it was decoded from other files than data.root holds now"
+    wrong = image_misfit(data, SPLITS, 3, image_size)
+    if wrong is not None:
+        return wrong
+    names = data.get("names")
+    if not isinstance(names, dict) or any(len(names.get(s, ())) != len(data[s]) for s in SPLITS):
+        return "its class names do not match its images"
+    return None
+
+
 def load_tieredimagenet(
-    root: str | os.PathLike, image_size: int, cache_dir: str | None = None, workers: int = 0
+    root: str | os.PathLike,
+    image_size: int,
+    cache_dir: str | None = None,
+    workers: int = 0,
+    split: str = "ren",
 ) -> dict[str, ClassImages]:
     """Meta-train/val/test classes as uint8 images [classes, per_class, 3, S, S].
 
@@ -100,27 +151,43 @@ def load_tieredimagenet(
     written in chunks (at most 16.5 GB at 84 px) that later runs memory-map. Its classes hold
     different numbers of images; one tensor per split keeps the first `per_class` (the fewest)
     of each, and says so in the log.
+
+    `split` (data.split): `ren`, Ren et al.'s split, takes only 351/97/160 classes of 20/6/8
+    categories (REN), checked before decoding and on a cache. `any` is NOT a paper split: it
+    takes whatever classes the release's files hold, and its numbers compare with no
+    published one.
     """
-    root = Path(root).expanduser()
+    if split not in CLASS_SPLITS:
+        raise ConfigError(
+            f"data.split={split!r} is not a tieredImageNet split; choose one of {CLASS_SPLITS}"
+        )
+    root = data_root(root, "{train,val,test}_images_png.pkl and {train,val,test}_labels.pkl")
     files = _files(root)
     sources = source_record(root, [path for pair in files.values() for path in pair])
     fingerprint = hashlib.sha1(repr(sorted(sources.items())).encode()).hexdigest()[:10]
     name = f"tieredimagenet_{image_size}px_{fingerprint}.pt"
     cache = cache_path(root, cache_dir, "tieredimagenet", name)
-    cached = load_cache(cache, mmap=True, verify=False)
-    if cached is None or cached.get("sources") != sources:
+    cached = load_cache(
+        cache, mmap=True, verify=False, misfit=lambda data: _misfit(data, image_size, sources)
+    )
+    if cached is None:
+        check_cache_writable(cache)
         log.info("decoding tieredImageNet from %s (once; cached at %s)", root, cache)
         started = time.perf_counter()
         decode = functools.partial(_decode, image_size=image_size)
         names: dict[str, list[str]] = {}
         with write_chunked_cache(cache) as out:
-            for split in SPLITS:
-                classes = _split_classes(*files[split])
-                names[split] = list(classes)
-                write_split(out, split, classes, decode, image_size, workers, f"meta-{split}")
+            for part in SPLITS:
+                check = functools.partial(check_ren, part, origin=files[part][1])
+                classes = _split_classes(*files[part], check if split == "ren" else None)
+                names[part] = list(classes)
+                write_split(out, part, classes, decode, image_size, workers, f"meta-{part}")
                 del classes  # the split's PNGs leave memory before the next are read
             out.put("names", names)
             out.put("sources", sources)
         log.info("decoded tieredImageNet in %.0f s", time.perf_counter() - started)
         cached = load_cache(cache, mmap=True, verify=False)
+    if split == "ren":
+        for part in SPLITS:
+            check_ren(part, list(cached["names"][part]), files[part][1])
     return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}

@@ -26,8 +26,10 @@ def root(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def generated_md5(root, monkeypatch):
-    """The generated archive stands in for the official one, whose md5 it cannot have."""
+    """The generated archive stands in for the official one, whose md5 it cannot have, nor its
+    600 images per class (it has 2 train + 1 test)."""
     monkeypatch.setattr(cifar, "MD5", md5sum(root / cifar.ARCHIVE))
+    monkeypatch.setattr(cifar, "IMAGES_PER_CLASS", 3)
 
 
 def test_cifarfs_class_lists_are_64_16_20_disjoint_cifar100_classes():

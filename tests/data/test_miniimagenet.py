@@ -1,4 +1,7 @@
-"""Mini-ImageNet from generated JPEGs: both layouts, split sizes, pixels, the cache, errors."""
+"""Mini-ImageNet from generated JPEGs: both layouts, split sizes, pixels, the cache, errors.
+
+The generated classes are not Ravi & Larochelle's, so they load under data.split=any;
+tests/data/test_damaged_data.py has what data.split=ravi refuses."""
 
 import logging
 import shutil
@@ -32,15 +35,15 @@ def folders(roots, tmp_path):
 
 
 def test_both_layouts_load_to_the_same_tensors(roots, tmp_path):
-    a = mi.load_miniimagenet(roots["folders"], SIZE, cache_dir=str(tmp_path / "a"))
-    b = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path / "b"))
+    a = mi.load_miniimagenet(roots["folders"], SIZE, cache_dir=str(tmp_path / "a"), split="any")
+    b = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path / "b"), split="any")
     for split in mi.SPLITS:
         assert a[split].names == b[split].names
         assert torch.equal(a[split].images, b[split].images), split
 
 
 def test_splits_have_their_classes_at_the_configured_size(roots, tmp_path):
-    splits = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
+    splits = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path), split="any")
     shapes = {s: tuple(c.images.shape) for s, c in splits.items()}
     assert shapes == {
         "train": (4, 20, 3, SIZE, SIZE),
@@ -52,7 +55,7 @@ def test_splits_have_their_classes_at_the_configured_size(roots, tmp_path):
 
 
 def test_pixels_are_rgb_channels_first(roots, tmp_path):
-    splits = mi.load_miniimagenet(roots["folders"], SIZE, cache_dir=str(tmp_path))
+    splits = mi.load_miniimagenet(roots["folders"], SIZE, cache_dir=str(tmp_path), split="any")
     means = splits["train"].images[:3].float().mean(dim=(1, 3, 4))  # [class, channel]
     # Class c is tinted in channel c: the tinted channel is the bright one.
     assert torch.equal(means.argmax(dim=1), torch.arange(3))
@@ -60,24 +63,24 @@ def test_pixels_are_rgb_channels_first(roots, tmp_path):
 
 
 def test_cache_is_reused_instead_of_decoding_again(roots, tmp_path, monkeypatch):
-    first = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
+    first = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path), split="any")
     assert len(list(tmp_path.glob("miniimagenet_12px_*.pt"))) == 1
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although a cache exists")
 
     monkeypatch.setattr(mi, "_decode", no_decoding)
-    again = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
+    again = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path), split="any")
     assert torch.equal(first["test"].images, again["test"].images)
 
 
 def test_a_changed_image_list_gets_a_new_cache(folders, tmp_path, caplog):
     cache = tmp_path / "cache"
-    mi.load_miniimagenet(folders, SIZE, cache_dir=str(cache))
+    mi.load_miniimagenet(folders, SIZE, cache_dir=str(cache), split="any")
     for file in sorted((folders / "val" / "n00000005").iterdir())[:3]:
         file.unlink()
     with caplog.at_level(logging.WARNING):
-        splits = mi.load_miniimagenet(folders, SIZE, cache_dir=str(cache))
+        splits = mi.load_miniimagenet(folders, SIZE, cache_dir=str(cache), split="any")
     assert len(list(cache.glob("*.pt"))) == 2
     # Unequal classes: every class of the split keeps the smallest count, and it is logged.
     assert splits["val"].per_class == 17 and splits["train"].per_class == 20
@@ -85,10 +88,10 @@ def test_a_changed_image_list_gets_a_new_cache(folders, tmp_path, caplog):
 
 
 def test_damaged_cache_is_rebuilt(roots, tmp_path):
-    good = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
+    good = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path), split="any")
     (path,) = tmp_path.glob("*.pt")
     path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash mid-write
-    again = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path))
+    again = mi.load_miniimagenet(roots["csv"], SIZE, cache_dir=str(tmp_path), split="any")
     assert torch.equal(good["train"].images, again["train"].images)
 
 
@@ -96,7 +99,7 @@ def test_read_only_data_folder_gets_its_cache_elsewhere(folders, tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     folders.chmod(0o555)
     try:
-        mi.load_miniimagenet(folders, SIZE)
+        mi.load_miniimagenet(folders, SIZE, split="any")
     finally:
         folders.chmod(0o755)
     assert not list(folders.glob("*.pt"))
@@ -106,33 +109,33 @@ def test_read_only_data_folder_gets_its_cache_elsewhere(folders, tmp_path, monke
 def test_missing_data_says_what_files_are_expected_and_where_to_get_them(tmp_path):
     for root in (tmp_path / "nowhere", tmp_path):
         with pytest.raises(DataError, match=r"data.root=.*train.csv.*train/<wnid>.*image-net.org"):
-            mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"))
+            mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"), split="any")
 
 
 def test_unreadable_image_is_named(folders, tmp_path):
     victim = sorted((folders / "test" / "n00000006").iterdir())[4]
     victim.write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=f"cannot read Mini-ImageNet image .*{victim.name}"):
-        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"), split="any")
 
 
 def test_file_listed_in_a_split_csv_but_missing_is_named(roots, tmp_path):
     root = shutil.copytree(roots["csv"], tmp_path / "data")
     (root / "images" / "n0000000300000007.jpg").unlink()
     with pytest.raises(DataError, match=r"n0000000300000007.jpg is listed in train.csv \(line"):
-        mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"), split="any")
 
 
 def test_empty_class_folder_is_named(folders, tmp_path):
     (folders / "train" / "n00000099").mkdir()
     with pytest.raises(DataError, match="n00000099 holds no"):
-        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"), split="any")
 
 
 def test_class_in_two_splits_is_refused(folders, tmp_path):
     shutil.copytree(folders / "train" / "n00000000", folders / "test" / "n00000000")
     with pytest.raises(DataError, match=r"\['n00000000'\] are in both meta-train and meta-test"):
-        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(folders, SIZE, cache_dir=str(tmp_path / "c"), split="any")
 
 
 def test_a_class_with_fewer_images_than_shot_plus_query_stops_the_run(folders, tmp_path):
@@ -140,6 +143,7 @@ def test_a_class_with_fewer_images_than_shot_plus_query_stops_the_run(folders, t
         file.unlink()
     data = OmegaConf.load(CONF / "data" / "miniimagenet.yaml")
     data.root, data.image_size, data.cache_dir = str(folders), SIZE, str(tmp_path / "c")
+    data.split = "any"
     datamodule = EpisodeDataModule(data, 2, 1, 15, 1, 2, 2, 0)
     with pytest.raises(
         ConfigError,
@@ -162,7 +166,7 @@ def pickled_roots(tmp_path_factory):
 def test_every_pickled_layout_gives_the_same_images_and_episodes(pickled_roots, tmp_path, size):
     roots, arrays = pickled_roots
     loaded = {
-        layout: mi.load_miniimagenet(root, size, cache_dir=str(tmp_path / layout))
+        layout: mi.load_miniimagenet(root, size, cache_dir=str(tmp_path / layout), split="any")
         for layout, root in roots.items()
     }
     reference = loaded["png"]
@@ -184,16 +188,16 @@ def test_a_cache_from_one_source_is_not_reused_for_another(pickled_roots, tmp_pa
     roots, _ = pickled_roots
     root = shutil.copytree(roots["cache"], tmp_path / "data")
     cache = tmp_path / "cache"
-    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache), split="any")
     # Another release of the same data.root takes precedence: MetaOptNet's beside the cache files.
     for file in roots["metaoptnet"].iterdir():
         shutil.copy(file, root)
     (root / "mini-imagenet-cache-test.pkl").unlink()
-    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache), split="any")
     # And a changed file of the same name is another source too.
     with open(root / "miniImageNet_category_split_val.pickle", "ab") as f:
         f.write(b"\0")  # bytes after STOP: the pickle still reads, but its size differs
-    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache))
+    mi.load_miniimagenet(root, SIZE, cache_dir=str(cache), split="any")
     headers = sorted(cache.glob("*.pt"))
     assert len(headers) == 3
     sources = [mi.load_cache(h, mmap=True, verify=False)["sources"] for h in headers]
@@ -203,11 +207,11 @@ def test_a_cache_from_one_source_is_not_reused_for_another(pickled_roots, tmp_pa
 
 def test_a_truncated_raw_cache_file_is_rebuilt(pickled_roots, tmp_path):
     roots, _ = pickled_roots
-    good = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path))
+    good = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path), split="any")
     (header,) = tmp_path.glob("*.pt")
     raw = raw_path(header)
     raw.write_bytes(raw.read_bytes()[:-100])
-    again = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path))
+    again = mi.load_miniimagenet(roots["cache"], SIZE, cache_dir=str(tmp_path), split="any")
     assert torch.equal(good["val"].images, again["val"].images)
     assert raw.stat().st_size == sum(s.images.numel() for s in again.values())
 
@@ -242,7 +246,7 @@ def test_a_bad_pickle_is_named_in_one_line(pickled_roots, tmp_path, content, mes
     else:
         victim.write_bytes(content if isinstance(content, bytes) else pickle.dumps(content))
     with pytest.raises(DataError, match=message) as error:
-        mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(root, SIZE, cache_dir=str(tmp_path / "c"), split="any")
     assert "\n" not in str(error.value)
     assert not list((tmp_path / "c").iterdir())  # no partial cache is left
 
@@ -252,4 +256,4 @@ def test_no_layout_names_every_layout_looked_for(tmp_path):
     with pytest.raises(
         DataError, match=r"mini-imagenet-cache-.*MetaOptNet.*train.csv.*train/<wnid>"
     ):
-        mi.load_miniimagenet(tmp_path, SIZE, cache_dir=str(tmp_path / "c"))
+        mi.load_miniimagenet(tmp_path, SIZE, cache_dir=str(tmp_path / "c"), split="any")
