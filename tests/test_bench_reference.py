@@ -59,7 +59,7 @@ def test_reference_maml_has_fewshots_meta_loss_meta_gradient_and_test_logits(bac
 
     learner, (sx, sy, qx, _) = tasks.learner, (t[0] for t in batch)
     *_, adapted = learner.adapt(sx, sy, training=False)
-    logits = learner.query_logits(adapted, sx, qx, training=False)
+    logits = learner.query_logits(adapted, sx, sy, qx, training=False)
     their_logits = reference.maml_test_episode(net, sx, sy, qx, algo["base_lr"], 3)
     torch.testing.assert_close(logits, their_logits, rtol=1e-10, atol=1e-12)
 
@@ -87,7 +87,7 @@ def test_reference_metalstm_has_fewshots_meta_loss_meta_gradient_and_test_logits
     learner, (sx, sy, qx, _) = tasks.learner, (t[0] for t in batch)
     with torch.no_grad():
         *_, adapted = learner.adapt(sx, sy, training=False)
-        logits = learner.query_logits(adapted, sx, qx, training=False)
+        logits = learner.query_logits(adapted, sx, sy, qx, training=False)
         their_logits = reference.metalstm_test_episode(net, meta, sx, sy, qx, 3)
     torch.testing.assert_close(logits, their_logits, rtol=1e-10, atol=1e-12)
     # Not the logits of transductive batch norm: the support statistics were used.

@@ -1,6 +1,7 @@
-"""Learners behind one interface: an update rule over explicit state, driven by one adapt loop
-(learner.py); tasks scored in a loop or batched by vmap, evaluation optionally compiled
-(tasks.py)."""
+"""Few-shot methods behind one contract (learner.py: a task's support set and query images in,
+query logits out); gradient-based ones share an update rule over explicit state driven by one
+adapt loop (gradient.py); tasks scored in a loop, batched by vmap or grouped in lockstep,
+evaluation optionally compiled (tasks.py)."""
 
 from fewshot.learners.learner import Learner
 from fewshot.learners.tasks import (

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fewshot.learners.gradient import adapted_parameters, norm_parameters
 from fewshot.learners.maml import MAML
 from fewshot.learners.metasgd import LearnedStepSizes
 from fewshot.learners.rules import GradientStep, UpdateRule
@@ -63,7 +64,13 @@ class MAMLPlusPlus(MAML):
         per_step_norm: bool,
         first_order_iterations: int,
     ) -> None:
-        self.lslr = lslr  # read by step_rule, which the base class calls
+        norms = norm_parameters(backbone) if per_step_norm else {}
+        adapted = adapted_parameters(backbone, adapt_only, frozen=tuple(norms))
+        rule: UpdateRule = (
+            LearnedStepSizes(adapted, base_lr, inner_steps, per_coordinate=False)
+            if lslr
+            else GradientStep(base_lr)
+        )
         super().__init__(
             backbone,
             base_lr,
@@ -72,11 +79,20 @@ class MAMLPlusPlus(MAML):
             first_order,
             batch_norm_train,
             batch_norm_test,
-            checkpoint_inner,
-            adapt_only,
-            second_order_from=first_order_iterations,
-            per_step_norm=per_step_norm,
+            checkpoint_inner=False,  # checked below, once the per-step norms are registered
+            adapt_only=adapt_only,
+            rule=rule,
+            frozen=tuple(norms),
         )
+        self.first_order_iterations = first_order_iterations
+        # Per-step batch norm (BNWB): [steps - 1, channels] per batch-norm parameter, for steps
+        # 1.. (step 0's are the backbone's own); they are meta-learned and never adapt.
+        self.norm_names = tuple(norms)
+        self.step_norms = nn.ParameterList(
+            nn.Parameter(w.detach().expand(inner_steps - 1, -1).clone()) for w in norms.values()
+        )
+        self.checkpoint_inner = checkpoint_inner
+        self.check_recomputable()
         self.msl_iterations = msl_iterations
         # Every annealed iteration's weights, made once: a buffer moves with the learner to its
         # device, so a step reads its row there instead of copying new weights from the host.
@@ -89,10 +105,18 @@ class MAMLPlusPlus(MAML):
             persistent=False,  # a function of the settings: checkpoints hold none
         )
 
-    def step_rule(self, adapted: Weights, base_lr: float, steps: int) -> UpdateRule:
-        if self.lslr:
-            return LearnedStepSizes(adapted, base_lr, steps, per_coordinate=False)
-        return GradientStep(base_lr)
+    def second_order_at(self, iteration: int) -> bool:
+        # Derivative-order annealing: first order for the first first_order_iterations.
+        return self.second_order and iteration >= self.first_order_iterations
+
+    def step_weights(self, step: int, weights: Weights, training: bool) -> Weights:
+        """Batch norm's weights and biases of inner step `step` in place of the last step's;
+        steps past the trained ones use the last trained step's."""
+        last = min(step, self.steps - 1)
+        if last == 0:  # the backbone's own, which no step has replaced
+            return weights
+        norms = {n: p[last - 1] for n, p in zip(self.norm_names, self.step_norms)}
+        return {**weights, **(norms if training else {n: w.detach() for n, w in norms.items()})}
 
     def step_loss_weights(self, iteration: int) -> Tensor | None:
         if self.msl_iterations == 0 or iteration >= self.msl_iterations:

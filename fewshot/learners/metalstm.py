@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from fewshot.learners.learner import Learner
+from fewshot.learners.gradient import GradientLearner
 from fewshot.models.functional import FunctionalBackbone, Weights
 
 PREPROCESS_P = 10.0  # Andrychowicz et al.'s p: gradients below e^-10 take the linear branch
@@ -146,7 +146,7 @@ class SupportMiniBatches:
                 yield x[index], y[index]
 
 
-class MetaLSTM(Learner):
+class MetaLSTM(GradientLearner):
     """Learns the learner's update rule as the cell of a coordinate-wise, two-layer LSTM
     (`LSTMUpdate`), over `inner_epochs` passes of `SupportMiniBatches(inner_batch_size)`.
 
@@ -179,6 +179,7 @@ class MetaLSTM(Learner):
             False,
             batch_norm_train,
             batch_norm_test,
+            adapted=tuple(name for name, _ in backbone.named_parameters()),
             support_batches=SupportMiniBatches(inner_batch_size),
         )
         # Frozen, c_0 stays the backbone's random initialisation: only the update rule learns.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
+from fewshot.learners.gradient import adapted_parameters
 from fewshot.learners.maml import MAML
-from fewshot.models.functional import Weights
+from fewshot.models.functional import FunctionalBackbone, Weights
 
 
 class LearnedStepSizes(nn.Module):
@@ -52,5 +55,28 @@ class MetaSGD(MAML):
     Learning", arXiv:1707.09835, 2017, Eq. 3 and Algorithm 1.
     """
 
-    def step_rule(self, adapted: Weights, base_lr: float, steps: int) -> LearnedStepSizes:
-        return LearnedStepSizes(adapted, base_lr)
+    def __init__(
+        self,
+        backbone: FunctionalBackbone,
+        base_lr: float,
+        inner_steps: int,
+        inner_steps_test: int,
+        first_order: bool,
+        batch_norm_train: str,
+        batch_norm_test: str,
+        checkpoint_inner: bool,
+        adapt_only: Sequence[str] | None,
+    ) -> None:
+        rates = LearnedStepSizes(adapted_parameters(backbone, adapt_only), base_lr)
+        super().__init__(
+            backbone,
+            base_lr,
+            inner_steps,
+            inner_steps_test,
+            first_order,
+            batch_norm_train,
+            batch_norm_test,
+            checkpoint_inner,
+            adapt_only,
+            rule=rates,
+        )

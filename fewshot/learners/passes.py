@@ -28,6 +28,12 @@ class EagerPasses:
         """[N, C, H, W] -> [N, way] on `weights`; batch norm with `statistics`, else x's own."""
         return self.backbone.forward_with(weights, x, statistics)
 
+    def embedding(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        """[N, C, H, W] -> [N, features], the backbone's output before its head."""
+        return self.backbone.embed_with(weights, x, statistics)
+
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         return self.backbone.statistics(weights, x)
 

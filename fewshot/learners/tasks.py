@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
-from fewshot.learners.learner import Learner, whole_support_set
+from fewshot.learners.learner import Learner
 from fewshot.learners.passes import (
     CompiledPasses,
     EagerPasses,
@@ -74,13 +74,15 @@ def score_task(
     for step, weights in enumerate(adapted):
         if track_steps:
             with torch.no_grad():  # for logging only: no graph kept
-                logits = learner.query_logits(weights, support_x, query_x, training, passes)
+                logits = learner.query_logits(
+                    weights, support_x, support_y, query_x, training, passes
+                )
                 trace.append(accuracy(logits, query_y))
         if step_weights is not None and previous is not None:  # a step before the last
-            logits = learner.query_logits(previous, support_x, query_x, training, passes)
+            logits = learner.query_logits(previous, support_x, support_y, query_x, training, passes)
             step_losses.append(passes.query_loss(logits, query_y))
         previous = weights if step > 0 else None
-    logits = learner.query_logits(weights, support_x, query_x, training, passes)
+    logits = learner.query_logits(weights, support_x, support_y, query_x, training, passes)
     loss = passes.query_loss(logits, query_y)
     if step_weights is not None:
         loss = (torch.stack([*step_losses, loss], -1) * step_weights.to(loss)).sum(-1)
@@ -166,12 +168,11 @@ class GroupedTasks:
                 f"task_statistics; {type(learner.backbone).__name__} has none: set "
                 "algo.task_batching=loop"
             )
-        if learner.support_batches is not whole_support_set or learner.rule_reads_loss:
-            # Tasks in lockstep share one support batch order and one summed loss.
+        if not learner.lockstep:
             raise ConfigError(
-                f"algo.task_batching=grouped cannot run {type(learner).__name__}, whose inner "
-                "steps read each task's own loss or support mini-batches: set "
-                "algo.task_batching=loop"
+                f"algo.task_batching=grouped cannot run {type(learner).__name__}, whose tasks "
+                "cannot run in lockstep (its inner steps read each task's own loss or support "
+                "mini-batches): set algo.task_batching=loop"
             )
         self.learner = learner
         self.passes = GroupedPasses(learner.backbone)

@@ -82,8 +82,15 @@ class Conv4(nn.Module):
         `statistics` when given, else with those of the batch. The layers only hold the
         parameters' shapes and settings: run functionally, a pass skips functional_call's
         rebinding of every parameter."""
-        features = self._features(weights, x, statistics, None)
-        return F.linear(features.flatten(1), weights["head.weight"], weights["head.bias"])
+        features = self.embed_with(weights, x, statistics)
+        return F.linear(features, weights["head.weight"], weights["head.bias"])
+
+    def embed_with(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        """[N, C, H, W] -> [N, features]: the blocks' output before the head, flattened (what a
+        metric method compares)."""
+        return self._features(weights, x, statistics, None).flatten(1)
 
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         """Each batch-norm layer's input statistics on `x` under `weights`."""

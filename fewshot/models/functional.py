@@ -24,6 +24,12 @@ class FunctionalBackbone(Protocol):
         `statistics` when given, else with the statistics of `x` itself."""
         ...
 
+    def embed_with(
+        self, weights: Weights, x: Tensor, statistics: Statistics | None = None
+    ) -> Tensor:
+        """[N, C, H, W] -> [N, features]: what `forward_with` computes before its head."""
+        ...
+
     def statistics(self, weights: Weights, x: Tensor) -> Statistics:
         """The statistics each batch-norm layer sees on `x` [N, C, H, W] under `weights`."""
         ...

@@ -1,9 +1,10 @@
-"""The adapt loop: any update rule, its state threaded through the steps, a subset adapted."""
+"""The gradient methods' adapt loop: any update rule, its state threaded through the steps, a
+subset adapted."""
 
 import torch
 import torch.nn.functional as F
 
-from fewshot.learners import Learner
+from fewshot.learners.gradient import GradientLearner
 from fewshot.models.functional import Weights
 from tests.conftest import FunctionalLinear, conv_episode, meta_batch, small
 
@@ -27,7 +28,8 @@ def test_the_adapt_loop_drives_any_rule_and_threads_its_state_through_the_steps(
     torch.manual_seed(0)
     backbone = FunctionalLinear(3, 2).double()
     rule = Momentum(lr=0.3, beta=0.9)
-    learner = Learner(backbone, rule, 1, 3, False, "transductive", "transductive")
+    adapted = ("weight", "bias")
+    learner = GradientLearner(backbone, rule, 1, 3, False, "transductive", "transductive", adapted)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 1, 0])
     *_, adapted = learner.adapt(x, y, training=False)
     assert rule.steps == [0, 1, 2]

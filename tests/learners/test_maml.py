@@ -88,7 +88,7 @@ def query_logits_with_other_queries_replaced(batch_norm: str):
     changed = qx.clone()
     changed[1:] = torch.rand_like(changed[1:])
     with torch.no_grad():
-        return [maml.query_logits(weights, sx, q, training=False)[0] for q in (qx, changed)]
+        return [maml.query_logits(weights, sx, sy, q, training=False)[0] for q in (qx, changed)]
 
 
 def test_support_batch_norm_makes_each_query_prediction_independent_of_the_others():
