@@ -10,7 +10,7 @@ and differs from the run's own value (runs.task_suffix): `_<way>w<shot>s<query>q
 not named. The run's own test is `best_600ep_seed0.json`. Where a result or table cannot be
 written is refused before anything is scored."""
 
-import fewshot.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import fewshot.training.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 
 # isort: split
 import logging
@@ -21,16 +21,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.comparison import (
+from fewshot.cli import reported_as_one_line, run_entry_point
+from fewshot.config import CONF, check_declared_keys
+from fewshot.errors import ConfigError
+from fewshot.evaluation.protocol import check_output, result_line, score_checkpoint
+from fewshot.reporting.comparison import (
     check_all_evaluated,
     evaluate_targets,
     targets_of,
     write_evaluation_table,
 )
-from fewshot.config import CONF, check_declared_keys
-from fewshot.console import quiet_lightning
-from fewshot.errors import ConfigError, reported_as_one_line, run_entry_point
-from fewshot.evaluation import check_output, result_line, score_checkpoint
+from fewshot.training.console import quiet_lightning
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,16 @@
 """Classify your own images with a trained checkpoint, adapting on a support set you give:
 python predict.py ckpt=<run>/checkpoints/best.ckpt support=<folder of class folders> query=<folder>"""
 
-import fewshot.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import fewshot.training.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 
 # isort: split
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.build import set_threads
+from fewshot.cli import reported_as_one_line, run_entry_point
 from fewshot.config import CONF, check_declared_keys
-from fewshot.errors import reported_as_one_line, run_entry_point
-from fewshot.predict import Predictor, class_folders, images_in
+from fewshot.evaluation.predict import Predictor, class_folders, images_in
+from fewshot.training.build import set_threads
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")

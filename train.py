@@ -1,6 +1,6 @@
 """Meta-train a few-shot learner, then test it:  python train.py [experiment=<preset>] [key=value ...]"""
 
-import fewshot.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import fewshot.training.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 
 # isort: split
 import logging
@@ -13,15 +13,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fewshot.build import build_datamodule, build_module, build_trainer, set_threads
-from fewshot.checkpointing import check_resumable, fit_outcome
-from fewshot.cluster import job_device, requeued_resume
+from fewshot.checkpoints.reading import check_resumable
+from fewshot.checkpoints.writing import fit_outcome
+from fewshot.cli import reported_as_one_line, run_entry_point
 from fewshot.config import CONF, check_config
-from fewshot.console import quiet_lightning
-from fewshot.errors import reported_as_one_line, run_entry_point
-from fewshot.evaluation import result_line, score_checkpoint
-from fewshot.runs import Run, config_subdir, locked_run, run_dir_of
-from fewshot.sweep import recorded_job
+from fewshot.evaluation.protocol import result_line, score_checkpoint
+from fewshot.experiments.cluster import job_device, requeued_resume
+from fewshot.experiments.runs import Run, config_subdir, locked_run, run_dir_of
+from fewshot.experiments.sweep import recorded_job
+from fewshot.training.build import build_datamodule, build_module, build_trainer, set_threads
+from fewshot.training.console import quiet_lightning
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ installed fewshot, not the checkout's.
 
 Each workload (synthetic inputs of the paper's shapes) is run by its reference
 (bench/reference.py: the same mathematics written the usual way, task by task) and by fewshot
-with each task batching of fewshot.learners.TASK_BATCHING. Every measurement is a fresh child
+with each task batching of fewshot.methods.TASK_BATCHING. Every measurement is a fresh child
 process (so its peak memory is its own), and the children alternate: `--rounds` rounds of
 reference, then fewshot in each batching, the order reversed every other round, so that load from
 other processes falls on all of them alike. A child times `--iters` meta-iterations and test
@@ -50,13 +50,13 @@ from omegaconf import OmegaConf
 from torch.autograd import DeviceType
 
 from bench import reference
+from fewshot.checkpoints.format import group_option
 from fewshot.config import backbone_config, check_exclusive, learner_from
 from fewshot.data.episodes import Episodes
 from fewshot.errors import ConfigError
-from fewshot.learners import TASK_BATCHING, plain_backward, run_tasks, task_scorer
-from fewshot.learners.tasks import TaskScorer
+from fewshot.methods import TASK_BATCHING, plain_backward, run_tasks, task_scorer
+from fewshot.methods.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
-from fewshot.stored_config import group_option
 
 REFERENCE = "reference"
 
@@ -369,7 +369,7 @@ def measure_memory(workload: Workload, threads: int, device: str, out: mp.Queue)
     time."""
     # The modules train.py has loaded: else the first backward through checkpointed steps (a
     # backward with given output gradients) loads sympy lazily, memory that is not the graph's.
-    import fewshot.module  # noqa: F401
+    import fewshot.training.module  # noqa: F401
 
     torch.set_num_threads(threads)
     device = torch.device(device)
@@ -423,7 +423,7 @@ def main() -> None:
         nargs="+",
         choices=list(TASK_BATCHING),
         default=list(TASK_BATCHING),
-        help="fewshot's task batchings to measure (fewshot.learners.TASK_BATCHING)",
+        help="fewshot's task batchings to measure (fewshot.methods.TASK_BATCHING)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
@@ -473,7 +473,7 @@ def speed_table(args: argparse.Namespace) -> None:
         workloads += [replace(w, name=f"{w.name}+bf16", bf16=True) for w in base]
     first_tests = {}
     for workload in workloads:
-        # The compiled passes are the loop's alone (fewshot.learners.task_scorer).
+        # The compiled passes are the loop's alone (fewshot.methods.task_scorer).
         batchings = ["loop"] if workload.compile else args.batching
         results = alternated(workload, [REFERENCE, *batchings], args)
         ref = results.get(REFERENCE)

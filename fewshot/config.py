@@ -16,12 +16,12 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fewshot.checkpoints.format import CONF, schedule_class  # noqa: F401 (CONF: the entry points read it here)
 from fewshot.errors import ConfigError, instantiate
-from fewshot.learners.learner import BATCH_NORM_MODES, Learner
-from fewshot.learners.tasks import TASK_BATCHING
+from fewshot.methods.learner import BATCH_NORM_MODES, Learner
+from fewshot.methods.tasks import TASK_BATCHING
 from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
 from fewshot.models.functional import FunctionalBackbone
-from fewshot.stored_config import CONF, schedule_class  # noqa: F401 (CONF: the entry points read it here)
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import torch
 from hydra.errors import HydraException
 
 from fewshot import errors
-from fewshot.build import build_datamodule, build_module
-from fewshot.checkpointing import check_resumable, load_checkpoint
+from fewshot.checkpoints.reading import check_resumable, load_checkpoint
+from fewshot.cli import hydra_error_line
 from fewshot.config import check_config
-from fewshot.errors import hydra_error_line
-from tests.conftest import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train, run_script
+from fewshot.training.build import build_datamodule, build_module
+from tests.helpers import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train, run_script
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

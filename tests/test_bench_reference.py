@@ -8,7 +8,7 @@ import torch
 
 from bench import reference
 from bench.speed import POOLED_32, STRIDED, WORKLOADS, Workload, build, episodes, reference_net
-from fewshot.learners import plain_backward, run_tasks
+from fewshot.methods import plain_backward, run_tasks
 
 CPU = torch.device("cpu")
 

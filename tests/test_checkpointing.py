@@ -7,13 +7,14 @@ import pytest
 import torch
 from lightning_fabric.plugins.io import torch_io
 
-from fewshot.build import build_module, build_trainer
-from fewshot.checkpointing import AtomicCheckpointIO, load_checkpoint
+from fewshot.checkpoints.reading import load_checkpoint
+from fewshot.checkpoints.writing import AtomicCheckpointIO
 from fewshot.data.episodes import MetaBatchStream
 from fewshot.data.omniglot import omniglot_splits
 from fewshot.errors import DataError
-from fewshot.learners import run_tasks
-from tests.conftest import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train
+from fewshot.methods import run_tasks
+from fewshot.training.build import build_module, build_trainer
+from tests.helpers import OLD_CHECKPOINTS, checkpoint_that_runs_code, compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

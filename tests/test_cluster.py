@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewshot.cluster import claimed_slot, requeued_resume
-from fewshot.runs import RESULT, Run
-from fewshot.sweep import sweep_summary
-from tests.conftest import (
+from fewshot.experiments.cluster import claimed_slot, requeued_resume
+from fewshot.experiments.runs import RESULT, Run
+from fewshot.experiments.sweep import sweep_summary
+from tests.helpers import (
     REPO,
     SLURM_LAUNCHER,
     job_state,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fewshot.checkpointing import load_checkpoint
-from tests.conftest import run_script
+from fewshot.checkpoints.reading import load_checkpoint
+from tests.helpers import run_script
 
 
 @pytest.fixture(scope="module")

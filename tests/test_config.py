@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fewshot import config
-from fewshot.build import build_module
 from fewshot.config import OUTER_LOOP_KEYS, check_config
 from fewshot.errors import ConfigError
-from fewshot.evaluation import protocol
-from tests.conftest import compose_train
+from fewshot.evaluation.protocol import protocol
+from fewshot.training.build import build_module
+from tests.helpers import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

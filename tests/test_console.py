@@ -3,9 +3,9 @@
 import logging
 import warnings
 
-from fewshot.build import build_trainer
-from fewshot.console import KNOWN_WARNINGS, quiet_lightning
-from tests.conftest import compose_train
+from fewshot.training.build import build_trainer
+from fewshot.training.console import KNOWN_WARNINGS, quiet_lightning
+from tests.helpers import compose_train
 
 
 def test_lightnings_tip_and_known_warnings_are_silenced_and_nothing_else(caplog, tmp_path):

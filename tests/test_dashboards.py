@@ -8,8 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from fewshot.dashboards import INNER_STEP_DIR, INNER_STEP_TAG, episode_grid, flat_hparams
-from fewshot.runs import Run
+from fewshot.experiments.runs import Run
+from fewshot.training.dashboards import INNER_STEP_DIR, INNER_STEP_TAG, episode_grid, flat_hparams
 
 
 def test_hparams_are_flattened_to_the_names_users_override():

@@ -11,8 +11,8 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from fewshot.build import build_datamodule, build_module
-from tests.conftest import meta_gradients, run_script
+from fewshot.training.build import build_datamodule, build_module
+from tests.helpers import meta_gradients, run_script
 
 TASKS_PER_RANK = 2
 DDP = [
@@ -94,7 +94,7 @@ class CountAllReduces(pl.Callback):
 def test_ddp_all_reduces_the_meta_gradient_once_per_meta_iteration(quick_overrides, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     steps, tasks_per_rank = 2, 3
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):

@@ -6,10 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewshot.checkpointing import LatestCheckpoint, load_checkpoint
-from fewshot.divergence import StopOnNonFinite, divergence_hint
+from fewshot.checkpoints.reading import load_checkpoint
+from fewshot.checkpoints.writing import LatestCheckpoint
 from fewshot.errors import TrainingDiverged
-from tests.conftest import run_script
+from fewshot.training.divergence import StopOnNonFinite, divergence_hint
+from tests.helpers import run_script
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(quick_overrides, tmp_path):

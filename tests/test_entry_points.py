@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fewshot.checkpointing import load_checkpoint
-from tests.conftest import make_miniimagenet, run_script
+from fewshot.checkpoints.reading import load_checkpoint
+from tests.helpers import make_miniimagenet, run_script
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-import fewshot.evaluation
-from fewshot.checkpointing import load_checkpoint
-from fewshot.data.files import unwritable
+import fewshot.evaluation.protocol
+from fewshot.checkpoints.reading import load_checkpoint
 from fewshot.errors import ConfigError
-from fewshot.evaluation import result_paths, score_checkpoint
-from fewshot.runs import eval_result_path
-from tests.conftest import OLD_CHECKPOINTS, run_script
+from fewshot.evaluation.protocol import result_paths, score_checkpoint
+from fewshot.experiments.runs import eval_result_path
+from fewshot.files import unwritable
+from tests.helpers import OLD_CHECKPOINTS, run_script
 
 # evaluate.py's overrides, none given (evaluate.run_overrides of its defaults).
 NO_OVERRIDES = {
@@ -155,7 +155,7 @@ def nothing_scored(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("episodes were about to be scored")
 
-    monkeypatch.setattr(fewshot.evaluation, "build_datamodule", refuse)
+    monkeypatch.setattr(fewshot.evaluation.protocol, "build_datamodule", refuse)
 
 
 def test_a_result_file_that_cannot_be_written_is_refused_before_scoring(tmp_path, nothing_scored):

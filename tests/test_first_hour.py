@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewshot.build import set_threads
 from fewshot.config import check_config
 from fewshot.errors import ConfigError
-from fewshot.threads import auto_threads, physical_cores
-from tests.conftest import REPO, compose_train, run_script
+from fewshot.training.build import set_threads
+from fewshot.training.threads import auto_threads, physical_cores
+from tests.helpers import REPO, compose_train, run_script
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +122,12 @@ def cpu_while_idle(first: str, **env: str) -> float:
 def test_the_entry_points_make_openmp_wait_passively_before_torch_loads_it():
     # The measurement sees spinning threads where the policy asks for them ...
     assert cpu_while_idle("", OMP_WAIT_POLICY="ACTIVE") > 0.1  # less than 1 s: shared CPUs
-    # ... and none where fewshot.threads set the policy before torch loaded OpenMP,
-    assert cpu_while_idle("import fewshot.threads") < 0.03
+    # ... and none where fewshot.training.threads set the policy before torch loaded OpenMP,
+    assert cpu_while_idle("import fewshot.training.threads") < 0.03
     # which every entry point imports first.
     for script in ("train.py", "evaluate.py", "predict.py"):
         tree = ast.parse((REPO / script).read_text())
         first = next(n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom))
-        assert isinstance(first, ast.Import) and first.names[0].name == "fewshot.threads", script
+        assert (
+            isinstance(first, ast.Import) and first.names[0].name == "fewshot.training.threads"
+        ), script

@@ -20,7 +20,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.conftest import (
+from tests.helpers import (
     DEVICES,
     NO_CUDA,
     REPO,

@@ -4,9 +4,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from fewshot.learners import TaskLoop
-from fewshot.module import EpisodicModule
-from tests.conftest import conv_episode, small
+from fewshot.methods import TaskLoop
+from fewshot.training.module import EpisodicModule
+from tests.helpers import conv_episode, small
 
 
 class GradientNorms(pl.Callback):

@@ -1,4 +1,4 @@
-"""predict.py and fewshot.predict: a checkpoint on images of one's own, adapted as at test time."""
+"""predict.py and fewshot.evaluation.predict: a checkpoint on images of one's own, adapted as at test time."""
 
 from pathlib import Path
 
@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from fewshot.errors import ConfigError
-from fewshot.learners.passes import EagerPasses
-from fewshot.learners.tasks import score_task
-from fewshot.predict import Predictor, class_folders, images_in, read_image
-from tests.conftest import OLD_CHECKPOINTS, run_script
+from fewshot.evaluation.predict import Predictor, class_folders, images_in, read_image
+from fewshot.methods.passes import EagerPasses
+from fewshot.methods.tasks import score_task
+from tests.helpers import OLD_CHECKPOINTS, run_script
 
 CLASSES = ("circle", "cross", "dash", "dot", "wave")
 

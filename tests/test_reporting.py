@@ -1,6 +1,7 @@
 """The row model every report is made of: its cells, its order, and the columns of overrides."""
 
-from fewshot.reporting import (
+from fewshot.experiments.runs import Run
+from fewshot.reporting.tables import (
     Row,
     common_overrides_line,
     markdown,
@@ -8,7 +9,6 @@ from fewshot.reporting import (
     override_columns,
     seed_groups,
 )
-from fewshot.runs import Run
 
 
 def result(episodes, acc, ci95):

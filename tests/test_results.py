@@ -4,8 +4,8 @@ import json
 import subprocess
 import sys
 
-from fewshot.results import PAPERS, results_tables
-from tests.conftest import REPO
+from fewshot.reporting.results import PAPERS, results_tables
+from tests.helpers import REPO
 
 
 def evaluation(algorithm, dataset, way, shot, acc, ci95, episodes=600, first_order=False):
@@ -77,7 +77,7 @@ def test_the_command_reads_json_files_and_refuses_other_files_in_one_line(tmp_pa
     good = tmp_path / "best_600ep_seed0.json"
     good.write_text(json.dumps(evaluation("maml", "omniglot", 5, 1, 0.99, 0.002)))
     out = tmp_path / "results.md"
-    command = [sys.executable, "-m", "fewshot.results", str(good), "--output", str(out)]
+    command = [sys.executable, "-m", "fewshot.reporting.results", str(good), "--output", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "| Omniglot 5-way 1-shot | 98.7 ± 0.4 | 99.00 ± 0.20 | 600 |" in proc.stdout

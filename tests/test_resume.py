@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     checkpoint_step,
     logged_past_checkpoint,
     run_script,

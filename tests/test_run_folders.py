@@ -14,9 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fewshot.cluster import requeued_resume
 from fewshot.errors import ConfigError
-from fewshot.runs import (
+from fewshot.experiments.cluster import requeued_resume
+from fewshot.experiments.runs import (
     LOCK,
     Run,
     config_subdir,
@@ -26,8 +26,8 @@ from fewshot.runs import (
     made_folder,
     unlock_run,
 )
-from fewshot.sweep import Job, recorded_job
-from tests.conftest import REPO, run_script, start_script, wait_for
+from fewshot.experiments.sweep import Job, recorded_job
+from tests.helpers import REPO, run_script, start_script, wait_for
 
 RANKS = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "SLURM_RESTART_COUNT")
 
@@ -182,7 +182,7 @@ def test_a_folder_is_locked_by_one_process_and_a_crashed_one_leaves_it_free(tmp_
             [
                 sys.executable,
                 "-c",
-                f"from fewshot.runs import lock_run; lock_run({str(tmp_path)!r})",
+                f"from fewshot.experiments.runs import lock_run; lock_run({str(tmp_path)!r})",
             ],
             cwd=REPO,
             capture_output=True,
@@ -199,7 +199,7 @@ def test_a_folder_is_locked_by_one_process_and_a_crashed_one_leaves_it_free(tmp_
         [
             sys.executable,
             "-c",
-            f"import time; from fewshot.runs import lock_run; lock_run({str(tmp_path)!r}); "
+            f"import time; from fewshot.experiments.runs import lock_run; lock_run({str(tmp_path)!r}); "
             "print('held', flush=True); time.sleep(600)",
         ],
         cwd=REPO,

@@ -3,8 +3,8 @@ the job folders of a sweep, the best score a checkpoint holds, and where a resum
 
 import yaml
 
-from fewshot.checkpointing import load_checkpoint
-from fewshot.runs import (
+from fewshot.checkpoints.reading import load_checkpoint
+from fewshot.experiments.runs import (
     Run,
     best_val_acc,
     config_subdir,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import run_script
 from tests.fixtures.make_reference import RUNS, TEST_EPISODES, machine, train_overrides
+from tests.helpers import run_script
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE = json.loads((FIXTURES / "reference.json").read_text())

@@ -13,14 +13,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from fewshot.build import build_module
-from fewshot.checkpointing import load_checkpoint
+from fewshot.checkpoints.format import PAST_TARGETS, options, upgraded
+from fewshot.checkpoints.reading import load_checkpoint
 from fewshot.config import resolved_config
 from fewshot.errors import ConfigError, DataError
-from fewshot.evaluation import restored_module
-from fewshot.predict import Predictor
-from fewshot.stored_config import PAST_TARGETS, options, upgraded
-from tests.conftest import CONF, OLD_CHECKPOINTS, compose_train, run_script
+from fewshot.evaluation.predict import Predictor
+from fewshot.evaluation.protocol import restored_module
+from fewshot.training.build import build_module
+from tests.helpers import CONF, OLD_CHECKPOINTS, compose_train, run_script
 
 
 @pytest.fixture
@@ -251,18 +251,18 @@ def test_a_past_target_of_the_option_is_accepted_and_replaced_by_fewshots_own(mo
     config = resolved_config(compose_train())
     config["algo"]["_target_"] = "fewshot.algorithms.maml.MAML"  # as if it had moved
     monkeypatch.setitem(
-        PAST_TARGETS["algo"], "maml", ("fewshot.learners.maml.MAML", config["algo"]["_target_"])
+        PAST_TARGETS["algo"], "maml", ("fewshot.methods.maml.MAML", config["algo"]["_target_"])
     )
-    assert upgraded(config).algo._target_ == "fewshot.learners.maml.MAML"
+    assert upgraded(config).algo._target_ == "fewshot.methods.maml.MAML"
 
 
 def test_a_target_of_another_option_is_refused_naming_fewshots_own():
     config = plant(
-        resolved_config(compose_train()), "algo._target_", "fewshot.learners.metalstm.MetaLSTM"
+        resolved_config(compose_train()), "algo._target_", "fewshot.methods.metalstm.MetaLSTM"
     )
     with pytest.raises(
         ConfigError,
-        match=r"algo\._target_=.*MetaLSTM.*fewshot's own: fewshot\.learners\.maml\.MAML",
+        match=r"algo\._target_=.*MetaLSTM.*fewshot's own: fewshot\.methods\.maml\.MAML",
     ):
         upgraded(config)
 
@@ -297,7 +297,7 @@ def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(tmp_path, entry, 
 
 
 def test_a_run_folders_overrides_are_read_as_text_never_resolved(tmp_path, monkeypatch):
-    from fewshot.runs import Run
+    from fewshot.experiments.runs import Run
 
     monkeypatch.setenv("FEWSHOT_TEST_SECRET", "hunter2")
     (tmp_path / ".hydra").mkdir()
@@ -308,3 +308,14 @@ def test_a_run_folders_overrides_are_read_as_text_never_resolved(tmp_path, monke
         "seed=${oc.env:FEWSHOT_TEST_SECRET}",
         "hydra.run.dir=outputs/${now:%H}",
     ]
+
+
+@pytest.mark.parametrize("algo", ["maml", "metasgd", "mamlpp", "metalstm"])
+def test_a_checkpoint_written_before_the_learners_moved_still_loads(algo, tmp_path):
+    """Written when the methods lived in fewshot.learners: the old target is in the table."""
+    checkpoint = a_checkpoint_of_today(algo)
+    old = PAST_TARGETS["algo"][algo][0].replace("fewshot.methods.", "fewshot.learners.")
+    checkpoint["fewshot_config"]["algo"]["_target_"] = old
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    stored, _ = load_checkpoint(tmp_path / "old.ckpt")
+    assert stored.algo._target_ == PAST_TARGETS["algo"][algo][0]

@@ -10,9 +10,14 @@ import yaml
 from omegaconf import OmegaConf
 
 from fewshot.errors import ConfigError, TrainingDiverged
-from fewshot.runs import RESULT, Run
-from fewshot.sweep import config_digest, recorded_job, sweep_summary, write_sweep_summary
-from tests.conftest import run_script, run_sweep_with_failures
+from fewshot.experiments.runs import RESULT, Run
+from fewshot.experiments.sweep import (
+    config_digest,
+    recorded_job,
+    sweep_summary,
+    write_sweep_summary,
+)
+from tests.helpers import run_script, run_sweep_with_failures
 
 
 def config(**values):

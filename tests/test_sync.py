@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from tests.conftest import small_datamodule, small_module, small_trainer
+from tests.helpers import small_datamodule, small_module, small_trainer
 
 FEWSHOT = Path(__file__).resolve().parents[1] / "fewshot"
 TORCH = Path(torch.__file__).resolve().parent

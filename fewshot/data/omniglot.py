@@ -172,7 +172,7 @@ def _read_pngs(source: Path) -> dict[str, bytes]:
 
 def decode_image(png: bytes, image_size: int) -> torch.Tensor:
     """An image file's bytes -> uint8 [1, S, S], as every Omniglot image is read (and
-    fewshot.predict reads a user's). Raises what PIL raises (decoding.IMAGE_ERRORS): the
+    fewshot.evaluation.predict reads a user's). Raises what PIL raises (decoding.IMAGE_ERRORS): the
     caller names the file."""
     image = Image.open(io.BytesIO(png)).convert("L")
     image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)

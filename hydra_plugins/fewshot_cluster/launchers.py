@@ -15,9 +15,9 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 
-from fewshot.cluster import parallel_jobs
 from fewshot.errors import ConfigError
-from fewshot.runs import Run
+from fewshot.experiments.cluster import parallel_jobs
+from fewshot.experiments.runs import Run
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ if _Joblib is not None:
 
     class ParallelLauncher(_Joblib):
         """Joblib's launcher running `n_jobs` jobs at once (-1: one per GPU, or per CPU core);
-        each job takes a device of its own (fewshot.cluster.job_device)."""
+        each job takes a device of its own (fewshot.experiments.cluster.job_device)."""
 
         def __init__(self, **params: Any) -> None:
             params["n_jobs"] = parallel_jobs(params.get("n_jobs", -1))

@@ -13,7 +13,7 @@ from fewshot.data import cifar
 from fewshot.data.datamodule import load_splits
 from fewshot.data.files import md5sum
 from fewshot.errors import DataError
-from tests.conftest import CIFAR100_SUPERCLASSES, make_cifar100
+from tests.helpers import CIFAR100_SUPERCLASSES, make_cifar100
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 ALL_CLASSES = {n for names in CIFAR100_SUPERCLASSES.values() for n in names}

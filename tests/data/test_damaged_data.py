@@ -32,8 +32,8 @@ from fewshot.data import tieredimagenet as ti
 from fewshot.data.datamodule import load_splits
 from fewshot.data.files import md5sum, raw_path
 from fewshot.errors import ConfigError, DataError
-from fewshot.predict import read_image
-from tests.conftest import (
+from fewshot.evaluation.predict import read_image
+from tests.helpers import (
     CONF,
     OLD_CHECKPOINTS,
     REPO,

@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fewshot.data.episodes import FixedEpisodes, MetaBatchStream, episode_generator, sample_task
-from tests.conftest import labelled_classes
+from tests.helpers import labelled_classes
 
 
 def identities(x: torch.Tensor) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from fewshot.config import check_config
 from fewshot.data.episodes import EpisodeIndices, Episodes
 from fewshot.errors import ConfigError
-from tests.conftest import DEVICES, compose_train, small_datamodule
+from tests.helpers import DEVICES, compose_train, small_datamodule
 
 
 def batches(loader, count: int) -> list:

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fewshot.data import omniglot as og
-from fewshot.data.files import atomic_path, download, load_cache, save_cache
+from fewshot.data.files import download, load_cache, save_cache
 from fewshot.errors import DataError
+from fewshot.files import atomic_path
 
 PAYLOAD = b"the real archive\n" * 100
 HTML = b"<!DOCTYPE html><html><body>Rate limit exceeded</body></html>"
@@ -96,7 +97,7 @@ def test_a_write_that_fails_leaves_the_previous_file_and_no_partial_one(tmp_path
 
 KILLED_WHILE_WRITING = """
 import os, signal, sys
-from fewshot.data.files import atomic_path
+from fewshot.files import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_text("half of the new")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,7 @@ from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.data.episodes import FixedEpisodes
 from fewshot.data.files import raw_path
 from fewshot.errors import ConfigError, DataError
-from tests.conftest import make_miniimagenet, mini_arrays, write_mini_layout
+from tests.helpers import make_miniimagenet, mini_arrays, write_mini_layout
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SIZE = 12  # the generated images are 16x16: loading resizes them

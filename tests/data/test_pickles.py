@@ -8,7 +8,7 @@ import pytest
 
 from fewshot.data.pickles import load_pickle
 from fewshot.errors import DataError
-from tests.conftest import python2_pickle
+from tests.helpers import python2_pickle
 
 
 class CreatesAFile:

@@ -17,7 +17,7 @@ from PIL import Image
 from fewshot.data import tieredimagenet as ti
 from fewshot.data.pickles import load_pickle
 from fewshot.errors import DataError
-from tests.conftest import make_tiered
+from tests.helpers import make_tiered
 
 
 @pytest.fixture(scope="module")
