@@ -1,6 +1,8 @@
-"""Every config key's range and every rule across keys, in one place, checked before any work;
-which `algo` keys are the learner's; and a stored run config brought up to the keys the current
-code reads."""
+"""A run's config checked before any work: the settings each component declares beside its code
+(fewshot.settings says how), collected here for the learner and backbone classes the config
+names, with the run's own keys and the rules across components; which keys a script declares;
+and what the composition root builds from a checked config (the backbone's and the learner's
+arguments, the config as stored in checkpoints)."""
 
 from __future__ import annotations
 
@@ -8,94 +10,67 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fewshot.checkpoints.format import CONF, schedule_class  # noqa: F401 (CONF: the entry points read it here)
+from fewshot.checkpoints.format import CONF, PAST_TARGETS, schedule_class  # noqa: F401 (CONF: the entry points read it here)
+from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.errors import ConfigError, instantiate
-from fewshot.methods.learner import BATCH_NORM_MODES, Learner
-from fewshot.methods.tasks import TASK_BATCHING
-from fewshot.models.conv4 import Conv4, conv_output_size, smallest_image_size
+from fewshot.methods.learner import Learner
 from fewshot.models.functional import FunctionalBackbone
+from fewshot.settings import BOOLEAN, Rule, check_value, int_at_least, one_of, prefixed
+from fewshot.training import threads
+from fewshot.training.module import OUTER_LOOP_KEYS, OUTER_LOOP_SETTINGS
 
 log = logging.getLogger(__name__)
 
-Rule = tuple[Callable[[Any], bool], str]  # (test, what is allowed)
-
-
-def int_at_least(low: int) -> Rule:
-    return (
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-    ), f"an integer >= {low}"
-
-
-def one_of(*choices: Any) -> Rule:
-    return (lambda v: v in choices), " or ".join(map(str, choices))
-
-
-_POSITIVE: Rule = (
-    (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
-    "a number > 0",
-)
-_BOOLEAN: Rule = ((lambda v: isinstance(v, bool)), "true or false")
-_NAMES: Rule = (
-    (lambda v: v is None or (OmegaConf.is_list(v) and all(isinstance(n, str) for n in v))),
-    "null (all parameters) or a list of parameter-name prefixes, e.g. [head]",
-)
-
-# A key absent from the config (another algorithm's) is skipped.
+# The run's own keys, which no component owns: train.py's composition reads them. A key absent
+# from the config is skipped.
 RULES: dict[str, Rule] = {
     "way": int_at_least(2),
     "shot": int_at_least(1),
     "query": int_at_least(1),
     "val_episodes": int_at_least(2),
-    "algo.meta_lr": _POSITIVE,
-    "algo.base_lr": _POSITIVE,
-    "algo.meta_batch_size": int_at_least(1),
-    "algo.inner_steps": int_at_least(1),
-    "algo.inner_steps_test": int_at_least(1),
-    "algo.grad_clip": ((lambda v: v is None or _POSITIVE[0](v)), "null or a number > 0"),
-    "algo.hidden_size": int_at_least(1),
-    "algo.inner_epochs": int_at_least(1),
-    "algo.inner_batch_size": int_at_least(1),
-    "algo.learn_init": _BOOLEAN,
-    "algo.first_order": _BOOLEAN,
-    "algo.task_batching": one_of(*TASK_BATCHING),
-    "algo.checkpoint_inner": _BOOLEAN,
-    "algo.adapt_only": _NAMES,
-    "algo.lslr": _BOOLEAN,
-    "algo.per_step_norm": _BOOLEAN,
-    "algo.msl_iterations": int_at_least(0),
-    "algo.first_order_iterations": int_at_least(0),
-    "algo.batch_norm_train": one_of(*BATCH_NORM_MODES),
-    "algo.batch_norm_test": one_of(*BATCH_NORM_MODES),
-    "algo.compile": _BOOLEAN,
-    "test_after_training": _BOOLEAN,
-    "threads": (
-        (lambda v: v is None or v == "auto" or int_at_least(1)[0](v)),
-        "auto, null (torch's default) or an integer >= 1",
-    ),
+    "test_after_training": BOOLEAN,
     # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
     # backward passes (and bf16 needs none).
     "trainer.precision": one_of("32-true", "bf16-mixed"),
     "trainer.max_steps": int_at_least(1),
     "trainer.val_check_interval": int_at_least(1),
-    "backbone.channels": int_at_least(1),
-    "backbone.padding": int_at_least(0),
-    "backbone.stride": int_at_least(1),
-    "backbone.channels_last": (
-        (lambda v: isinstance(v, bool) or v == "auto"),
-        "true, false or auto",
-    ),
-    "data.image_size": int_at_least(1),
-    "data.workers": int_at_least(0),
-    "data.on_device": ((lambda v: isinstance(v, bool) or v == "auto"), "true, false or auto"),
 }
+
+
+def component_class(cfg: DictConfig, group: str) -> type | None:
+    """The class `cfg.<group>._target_` names (a target fewshot has since moved, as its own:
+    PAST_TARGETS); None where the group names none."""
+    target = OmegaConf.select(cfg, f"{group}._target_", default=None)
+    if target is None:
+        return None
+    own = next((ts[0] for ts in PAST_TARGETS.get(group, {}).values() if target in ts), target)
+    try:
+        return hydra.utils.get_class(own)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"{group}._target_={target!r} names no class: {err}") from None
+
+
+def declared_settings(cfg: DictConfig) -> dict[str, Rule]:
+    """Every key's range for the run `cfg` describes, by its full key: the run's own (RULES),
+    and those declared by the outer loop, the learner and backbone classes `cfg` names, the
+    datamodule and the threads."""
+    return {
+        **RULES,
+        **prefixed("algo", OUTER_LOOP_SETTINGS),
+        **prefixed("algo", getattr(component_class(cfg, "algo"), "settings", {})),
+        **prefixed("backbone", getattr(component_class(cfg, "backbone"), "settings", {})),
+        **prefixed("data", EpisodeDataModule.settings),
+        **threads.SETTINGS,
+    }
+
 
 # Settings that cannot run together: (setting, setting, how they clash, why, what to do).
 EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = (
@@ -124,7 +99,7 @@ EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = 
         ("trainer.precision", "bf16-mixed"),
         ("algo.task_batching", "vmap"),
         "cannot run with",
-        "torch.func.grad under autocast fails with a dtype mismatch in torch 2.15",
+        "torch.func.grad under autocast fails with a dtype mismatch",
         "set trainer.precision=32-true or algo.task_batching=loop",
     ),
     (
@@ -144,13 +119,6 @@ EXCLUSIVE: tuple[tuple[tuple[str, Any], tuple[str, Any], str, str, str], ...] = 
 )
 
 
-def check_value(key: str, value: Any, rule: Rule) -> None:
-    """Raise ConfigError naming `key` unless `value` passes the rule's test."""
-    ok, allowed = rule
-    if not ok(value):
-        raise ConfigError(f"{key}={value!r} is out of range: expected {allowed}")
-
-
 def _select(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default="<absent>")
 
@@ -167,7 +135,7 @@ def check_exclusive(cfg: DictConfig) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range or that cannot run
     with another's."""
-    for key, rule in RULES.items():
+    for key, rule in declared_settings(cfg).items():
         value = _select(cfg, key)
         if value != "<absent>":
             check_value(key, value, rule)
@@ -187,7 +155,9 @@ def check_config(cfg: DictConfig) -> None:
                 f"{key}={value} is not below trainer.max_steps={cfg.trainer.max_steps}: {what}; "
                 f"lower {key} (0 turns it off)"
             )
-    check_backbone_fits(cfg)
+    check_fits = getattr(component_class(cfg, "backbone"), "check_fits", None)
+    if check_fits is not None:
+        check_fits(cfg.backbone, cfg.data.image_size)
     schedule = OmegaConf.select(cfg, "algo.meta_lr_schedule", default=None)
     if schedule is not None:
         schedule_class(OmegaConf.to_container(schedule, resolve=True))
@@ -251,39 +221,13 @@ def warn_if_bf16_is_emulated(accelerator: str) -> None:
     if runs_on_cpu(accelerator) and flags is not None and not flags & NATIVE_BF16_FLAGS:
         _warn_once(
             "trainer.precision=bf16-mixed on a CPU without native bfloat16 (AVX-512 BF16 or "
-            "AMX) is emulated: a MAML Omniglot meta-iteration took 1.7x (AVX-512) to 5.2x "
-            "(AVX2) as long as in trainer.precision=32-true, which is faster here"
+            "AMX) is emulated: slower than float32 here, so trainer.precision=32-true is faster"
         )
 
 
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning("%s", message)
-
-
-def check_backbone_fits(cfg: DictConfig) -> None:
-    """Raise ConfigError if Conv4's blocks shrink the images to nothing."""
-    backbone = cfg.backbone
-    if backbone.get("_target_") != f"{Conv4.__module__}.{Conv4.__name__}":
-        return
-    blocks, padding, stride, pool = (
-        backbone.get("blocks", 4),
-        backbone.padding,
-        backbone.stride,
-        backbone.pool,
-    )
-    size = cfg.data.image_size
-    for block in range(1, blocks + 1):
-        size = conv_output_size(size, padding, stride, pool)
-        if size < 1:
-            smallest = smallest_image_size(blocks, padding, stride, pool)
-            other = ["backbone.stride=1"] * (stride > 1) + ["backbone.pool=false"] * pool
-            raise ConfigError(
-                f"backbone: block {block} of {blocks} leaves no spatial size for "
-                f"data.image_size={cfg.data.image_size} (backbone.padding={padding}, "
-                f"backbone.stride={stride}, backbone.pool={pool}): expected "
-                f"data.image_size >= {smallest} with these" + "".join(f", or {o}" for o in other)
-            )
 
 
 def backbone_config(cfg: DictConfig) -> DictConfig:
@@ -303,36 +247,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config["data"]["root"] = os.path.abspath(os.path.expanduser(config["data"]["root"]))
     return config
-
-
-def check_episode_fits(
-    num_classes: int, per_class: int, split: str, way: int, shot: int, query: int
-) -> None:
-    """Raise ConfigError unless a split of `num_classes` classes of `per_class` images holds
-    `way` classes and `shot + query` images in each."""
-    if way > num_classes:
-        raise ConfigError(
-            f"way={way} is out of range: expected 2..{num_classes} "
-            f"(the meta-{split} split has {num_classes} classes)"
-        )
-    if shot + query > per_class:
-        raise ConfigError(
-            f"shot + query = {shot} + {query} is out of range: expected at most "
-            f"{per_class}, the images per class of the meta-{split} split; lower shot or query"
-        )
-
-
-# `algo` keys of the outer loop and of how tasks are scored (the LightningModule's, the sampler's,
-# the task scorer's); the others are the arguments of the learner that `algo._target_` names.
-OUTER_LOOP_KEYS = (
-    "name",
-    "meta_lr",
-    "meta_lr_schedule",
-    "meta_batch_size",
-    "grad_clip",
-    "task_batching",
-    "compile",
-)
 
 
 def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:

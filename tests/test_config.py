@@ -9,10 +9,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fewshot import config
-from fewshot.config import OUTER_LOOP_KEYS, check_config
+from fewshot.config import check_config
 from fewshot.errors import ConfigError
 from fewshot.evaluation.protocol import protocol
 from fewshot.training.build import build_module
+from fewshot.training.module import OUTER_LOOP_KEYS
 from tests.helpers import compose_train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -85,7 +86,7 @@ def test_out_of_range_values_name_their_key(override, message):
         check_config(compose_train(*override.split()))
 
 
-def test_bf16_on_a_cpu_that_emulates_it_warns_once_with_the_measured_cost(monkeypatch, caplog):
+def test_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch, caplog):
     def warnings():
         return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
 
@@ -106,7 +107,8 @@ def test_bf16_on_a_cpu_that_emulates_it_warns_once_with_the_measured_cost(monkey
     check_config(bf16_on["cpu"])
     (warning,) = warnings()
     assert warning.startswith("trainer.precision=bf16-mixed on a CPU without native bfloat16")
-    assert "5.2x (AVX2)" in warning
+    assert "is emulated: slower than float32 here" in warning
+    assert not re.search(r"\d(\.\d+)?x\b", warning)  # measured ratios drift: they are the docs'
 
 
 ALGORITHMS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from typing import ClassVar
+
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fewshot.config import check_episode_fits
 from fewshot.data.episodes import (
     ClassImages,
     EpisodeIndices,
@@ -19,11 +22,12 @@ from fewshot.data.episodes import (
     stack_indices,
     stack_tasks,
 )
-from fewshot.errors import instantiate
+from fewshot.errors import ConfigError, instantiate
+from fewshot.settings import BOOLEAN_OR_AUTO, Rule, int_at_least
 
 # `data` keys the backbone (channels), the reports (name) and the datamodule (on_device) read;
-# the others are the arguments of the loader `data._target_` names (`workers` also sets the
-# episode loader's processes).
+# the others are the arguments of the loader `data._target_` names, but `workers` (the episode
+# loader's processes), which goes only to a loader that takes it (one that decodes in processes).
 NOT_LOADER_KEYS = ("name", "channels", "on_device")
 # data.on_device=auto keeps the images on a CUDA device when all splits take at most this share
 # of its free memory: the rest is the learner's (second-order MAML's graph is the large part).
@@ -33,11 +37,49 @@ ON_DEVICE_SHARE = 0.25
 def load_splits(data: DictConfig) -> dict[str, ClassImages]:
     """Meta-train/val/test classes of the dataset the `data` config group names."""
     arguments = {k: v for k, v in data.items() if k not in NOT_LOADER_KEYS}
+    if "workers" in arguments and not _takes(data.get("_target_"), "workers"):
+        del arguments["workers"]
     return instantiate(arguments, _convert_="all")
 
 
+def _takes(target: object, argument: str) -> bool:
+    """Whether the callable `target` ("module.name") names takes `argument` (True where that
+    cannot be told: instantiating it then says what is wrong)."""
+    try:
+        module, _, name = target.rpartition(".")
+        function = getattr(importlib.import_module(module), name)
+        return argument in inspect.signature(function).parameters
+    except (AttributeError, ImportError, ValueError, TypeError):
+        return True
+
+
+def check_episode_fits(
+    num_classes: int, per_class: int, split: str, way: int, shot: int, query: int
+) -> None:
+    """Raise ConfigError unless a split of `num_classes` classes of `per_class` images holds
+    `way` classes and `shot + query` images in each."""
+    if way > num_classes:
+        raise ConfigError(
+            f"way={way} is out of range: expected 2..{num_classes} "
+            f"(the meta-{split} split has {num_classes} classes)"
+        )
+    if shot + query > per_class:
+        raise ConfigError(
+            f"shot + query = {shot} + {query} is out of range: expected at most "
+            f"{per_class}, the images per class of the meta-{split} split; lower shot or query"
+        )
+
+
 class EpisodeDataModule(pl.LightningDataModule):
-    """Meta-batches for training, fixed episodes for validation and test."""
+    """Meta-batches for training, fixed episodes for validation and test.
+
+    `settings`: the `data` keys every dataset has, and their ranges."""
+
+    settings: ClassVar[dict[str, Rule]] = {
+        "image_size": int_at_least(1),
+        "workers": int_at_least(0),
+        "on_device": BOOLEAN_OR_AUTO,
+    }
 
     def __init__(
         self,

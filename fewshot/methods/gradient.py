@@ -7,16 +7,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from itertools import repeat
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
-from fewshot.methods.learner import Learner
+from fewshot.methods.learner import BATCH_NORM_MODES, Learner
 from fewshot.methods.passes import EagerPasses
 from fewshot.methods.recomputation import recomputed
 from fewshot.methods.rules import State, UpdateRule
 from fewshot.models.functional import FunctionalBackbone, Weights
+from fewshot.settings import Rule, one_of
 
 # (support_x, support_y, steps) -> the (x, y) batch of every inner step, in order
 SupportBatches = Callable[[Tensor, Tensor, int], Iterator[tuple[Tensor, Tensor]]]
@@ -67,6 +69,11 @@ class GradientLearner(Learner):
     A method changes the loop through two hooks: `second_order_at` (whether a meta-iteration's
     meta-gradient is second order) and `step_weights` (the weights an inner step starts from).
     """
+
+    settings: ClassVar[dict[str, Rule]] = {
+        "batch_norm_train": one_of(*BATCH_NORM_MODES),
+        "batch_norm_test": one_of(*BATCH_NORM_MODES),
+    }
 
     def __init__(
         self,

@@ -4,11 +4,13 @@ query images in, the query's logits out."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from fewshot.methods.passes import EagerPasses
 from fewshot.models.functional import FunctionalBackbone, Weights
+from fewshot.settings import Rule
 
 # Which statistics batch norm normalises a query set with: the query batch's own, or the
 # support set's (each query prediction then independent of the others).
@@ -28,9 +30,14 @@ class Learner(nn.Module):
     `backbone` runs on weights it is given (fewshot.models.functional); `test_keys` are the
     `algo` keys that shape a test number, recorded beside it; `lockstep` says whether the tasks
     of a meta-batch may run as one grouped computation (algo.task_batching=grouped).
+
+    `settings`: the `algo` keys the method takes (its constructor's arguments but the backbone)
+    and their ranges (fewshot.settings), which fewshot.config checks before any work; a
+    subclass adds its own to its base's.
     """
 
     test_keys: tuple[str, ...] = ()
+    settings: ClassVar[dict[str, Rule]] = {}
 
     def __init__(self, backbone: FunctionalBackbone) -> None:
         super().__init__()

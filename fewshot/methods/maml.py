@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from fewshot.methods.gradient import GradientLearner, adapted_parameters
 from fewshot.methods.rules import GradientStep, UpdateRule
 from fewshot.models.functional import FunctionalBackbone
+from fewshot.settings import BOOLEAN, NAMES, POSITIVE, Rule, int_at_least
 
 
 class MAML(GradientLearner):
@@ -24,6 +26,15 @@ class MAML(GradientLearner):
     """
 
     test_keys = ("base_lr", "inner_steps_test")
+    settings: ClassVar[dict[str, Rule]] = {
+        "base_lr": POSITIVE,
+        "inner_steps": int_at_least(1),
+        "inner_steps_test": int_at_least(1),
+        "first_order": BOOLEAN,
+        "checkpoint_inner": BOOLEAN,
+        "adapt_only": NAMES,
+        **GradientLearner.settings,
+    }
 
     def __init__(
         self,

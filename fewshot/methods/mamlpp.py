@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,7 @@ from fewshot.methods.maml import MAML
 from fewshot.methods.metasgd import LearnedStepSizes
 from fewshot.methods.rules import GradientStep, UpdateRule
 from fewshot.models.functional import FunctionalBackbone, Weights
+from fewshot.settings import BOOLEAN, Rule, int_at_least
 
 # The least weight a step before the last keeps while the multi-step loss anneals (x 1/steps),
 # as in the authors' code.
@@ -47,6 +49,14 @@ class MAMLPlusPlus(MAML):
 
     References: Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019, Section 4.
     """
+
+    settings: ClassVar[dict[str, Rule]] = {
+        **MAML.settings,
+        "lslr": BOOLEAN,
+        "per_step_norm": BOOLEAN,
+        "msl_iterations": int_at_least(0),
+        "first_order_iterations": int_at_least(0),
+    }
 
     def __init__(
         self,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fewshot.methods.gradient import GradientLearner
 from fewshot.models.functional import FunctionalBackbone, Weights
+from fewshot.settings import BOOLEAN, Rule, int_at_least
 
 PREPROCESS_P = 10.0  # Andrychowicz et al.'s p: gradients below e^-10 take the linear branch
 
@@ -160,6 +162,13 @@ class MetaLSTM(GradientLearner):
     """
 
     test_keys = ("inner_epochs", "inner_batch_size")
+    settings: ClassVar[dict[str, Rule]] = {
+        "hidden_size": int_at_least(1),
+        "inner_epochs": int_at_least(1),
+        "inner_batch_size": int_at_least(1),
+        "learn_init": BOOLEAN,
+        **GradientLearner.settings,
+    }
 
     def __init__(
         self,

@@ -143,8 +143,9 @@ class VmappedTasks:
             yield Scores(losses.mean(), accuracies, traces)
             return
         # The meta-gradient is taken with torch.func.grad too, not by a backward pass through
-        # the vmapped graph: with batch norm inside, that one is wrong (torch 2.15; the test of
-        # this path catches it), while grad of the vmapped second-order loop is right.
+        # the vmapped graph: with batch norm inside, that one is wrong in the torch this was
+        # written against (the test of this path catches it), while grad of the vmapped
+        # second-order loop is right.
         meta_grad = torch.func.vmap(torch.func.grad(task, has_aux=True), per_task)
         constants = {n: w.detach() for n, w in start.items()}  # no graph beside func.grad's
         grads, (losses, accuracies, traces) = meta_grad(constants, *batch)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.errors import ConfigError
 from fewshot.models.functional import Statistics, Weights
+from fewshot.settings import BOOLEAN, BOOLEAN_OR_AUTO, Rule, int_at_least
 
 
 def conv_output_size(size: int, padding: int, stride: int, pool: bool) -> int:
@@ -30,15 +35,53 @@ def smallest_image_size(blocks: int, padding: int, stride: int, pool: bool) -> i
 class Conv4(nn.Module):
     """`blocks` x (conv 3x3 -> BatchNorm -> ReLU -> [2x2 max-pool]) -> linear to `num_classes`.
 
-    Padding, stride and pooling are settings because they matter: padding 2 / stride 2 without
-    pooling plateaus near 92% on Omniglot 5-way 1-shot where padding 1 / max-pool reaches ~97.5%.
+    Padding, stride and pooling are settings because they change what the net learns: on
+    Omniglot 5-way 1-shot, padding 2 / stride 2 without pooling plateaus lower than padding 1
+    with max-pooling (measured accuracies are the README's to keep, not this docstring's).
     Batch norm keeps no running statistics: what it normalises with is an argument of
     `forward_with` (see fewshot.models.functional).
 
     `channels_last` lays the activations out channels-last; "auto" does so for nets that
     max-pool and for images from 64 px up, where oneDNN's channels-last kernels are the faster
     ones on CPU (README, "Speed").
+
+    `settings`: the `backbone` keys a run chooses and their ranges (fewshot.settings); the
+    others (in_channels, image_size, num_classes) follow the data and the task. `check_fits`
+    refuses settings whose blocks leave the images no spatial size.
     """
+
+    settings: ClassVar[dict[str, Rule]] = {
+        "channels": int_at_least(1),
+        "padding": int_at_least(0),
+        "stride": int_at_least(1),
+        "pool": BOOLEAN,
+        "blocks": int_at_least(1),
+        "channels_last": BOOLEAN_OR_AUTO,
+    }
+
+    @classmethod
+    def check_fits(cls, backbone: Mapping[str, Any], image_size: int) -> None:
+        """Raise ConfigError if the blocks `backbone` (the run's `backbone` settings) describes
+        shrink images of side `image_size` (data.image_size) to nothing."""
+        blocks, padding, stride, pool = (
+            backbone.get("blocks", 4),
+            backbone["padding"],
+            backbone["stride"],
+            backbone["pool"],
+        )
+        size = image_size
+        for block in range(1, blocks + 1):
+            size = conv_output_size(size, padding, stride, pool)
+            if size < 1:
+                smallest = smallest_image_size(blocks, padding, stride, pool)
+                other = ["backbone.stride=1"] * (stride > 1) + ["backbone.pool=false"] * pool
+                raise ConfigError(
+                    f"backbone: block {block} of {blocks} leaves no spatial size for "
+                    f"data.image_size={image_size} (backbone.padding={padding}, "
+                    f"backbone.stride={stride}, backbone.pool={pool}): expected "
+                    f"data.image_size >= {smallest} with these"
+                    + "".join(f", or {o}" for o in other)
+                )
 
     def __init__(
         self,
@@ -152,6 +195,11 @@ class Conv4(nn.Module):
                     record[key[:-1]] = (x.mean(dims), x.var(dims, correction=1))
                 mean, var = given[key[:-1]] if given is not None else (None, None)
                 weight, bias = weights[key + "weight"], weights[key + "bias"]
+                if mean is not None and not x.dtype == mean.dtype == weight.dtype:
+                    # Under bf16 autocast the activations (and statistics taken of them) are
+                    # bfloat16, and the CPU's batch norm takes given statistics only when
+                    # input, statistics and weights share one dtype: the weights'.
+                    x, mean, var = x.to(weight.dtype), mean.to(weight.dtype), var.to(weight.dtype)
                 x = F.batch_norm(x, mean, var, weight, bias, mean is None, 0.0, layer.eps)
             elif not isinstance(layer, nn.Flatten):  # the caller flattens, per task or not
                 x = layer(x)  # ReLU, MaxPool2d: no state

@@ -15,8 +15,23 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from fewshot.checkpoints.format import current_state_dict
 from fewshot.data.episodes import EpisodeIndices, Episodes
-from fewshot.methods import EpisodeResults, Learner, run_tasks
+from fewshot.methods import TASK_BATCHING, EpisodeResults, Learner, run_tasks
 from fewshot.methods.tasks import TaskScorer
+from fewshot.settings import BOOLEAN, POSITIVE, POSITIVE_OR_NULL, Rule, int_at_least, one_of
+
+# The `algo` keys of the outer loop and of how tasks are scored (this module's, the sampler's, the
+# task scorer's), with their ranges; the others are the learner's (Learner.settings).
+OUTER_LOOP_SETTINGS: dict[str, Rule] = {
+    "meta_lr": POSITIVE,
+    "meta_batch_size": int_at_least(1),
+    "grad_clip": POSITIVE_OR_NULL,
+    "task_batching": one_of(*TASK_BATCHING),
+    "compile": BOOLEAN,
+}
+# Every `algo` key that is not an argument of the learner `algo._target_` names: the settings
+# above, which option of conf/algo/ it is, and the meta_lr schedule (checked whole by
+# fewshot.checkpoints.format.schedule_class).
+OUTER_LOOP_KEYS = ("name", "meta_lr_schedule", *OUTER_LOOP_SETTINGS)
 
 
 class EpisodicModule(pl.LightningModule):

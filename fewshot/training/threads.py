@@ -6,11 +6,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fewshot.settings import Rule, int_at_least
+
 # Waiting threads sleep instead of spinning, so a job never burns a core it does not use while
 # a neighbour needs it. A policy the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 AUTO = "auto"
+
+# The run's `threads` key (a key of train.py's and evaluate.py's configs, read by set_threads).
+SETTINGS: dict[str, Rule] = {
+    "threads": (
+        (lambda v: v is None or v == AUTO or int_at_least(1)[0](v)),
+        "auto, null (torch's default) or an integer >= 1",
+    ),
+}
 
 
 def physical_cores() -> int:

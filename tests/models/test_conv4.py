@@ -120,3 +120,17 @@ def test_channels_last_layout_computes_the_same_logits_and_gradients():
     torch.testing.assert_close(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
     for (name, a), b in zip(nets[False].named_parameters(), nets[True].parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-4, msg=name)  # float32 sums
+
+
+def test_support_statistics_normalise_under_bf16_autocast():
+    """`algo.batch_norm_test=support` with `trainer.precision=bf16-mixed`: float32 statistics
+    given to a bfloat16 activation (the CPU's batch norm refused the mix)."""
+    torch.manual_seed(0)
+    net = Conv4(1, 16, 3, channels=4, padding=1, stride=1, pool=True)
+    weights = dict(net.named_parameters())
+    support, query = torch.rand(6, 1, 16, 16), torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        exact = net.forward_with(weights, query, net.statistics(weights, support))
+        with torch.autocast("cpu", torch.bfloat16):
+            mixed = net.forward_with(weights, query, net.statistics(weights, support))
+    torch.testing.assert_close(mixed.float(), exact, rtol=0.1, atol=0.1)
