@@ -4,7 +4,8 @@ import json
 import subprocess
 import sys
 
-from fewshot.reporting.results import PAPERS, results_tables
+from fewshot.reporting.papers import PAPERS
+from fewshot.reporting.results import results_tables
 from tests.helpers import REPO
 
 
@@ -116,3 +117,18 @@ def test_results_of_several_training_seeds_get_a_row_of_their_mean_and_std():
         "96.00 ± 1.41 over 2 seeds (0, 1)",
     ]
     assert ours[2][3:] == ours[0][3:]  # the same protocol columns
+
+
+def test_a_method_reported_by_two_papers_sits_beside_each_papers_number():
+    text = results_tables(
+        [
+            evaluation("maml", "cifarfs", 5, 1, 0.55, 0.019),
+            evaluation("maml", "fc100", 5, 1, 0.40, 0.02),
+        ]
+    )
+    cifarfs = table_rows(text, "CIFAR-FS's MAML")
+    assert cifarfs[0][:3] == ["CIFAR-FS 5-way 1-shot", "58.9 ± 1.9", "55.00 ± 1.90"]
+    assert cifarfs[1][:3] == ["CIFAR-FS 5-way 5-shot", "71.5 ± 1.0", "not run"]
+    maml = table_rows(text, "MAML")  # settings no paper reports join the method's first paper
+    assert maml[-1][:3] == ["FC100 5-way 1-shot", "—", "40.00 ± 2.00"]
+    assert not any(row[0].startswith("CIFAR-FS") for row in maml)

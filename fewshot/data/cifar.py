@@ -12,7 +12,6 @@ FC100_SUPERCLASSES: the 12/4/4 superclasses (60/20/20 classes) of Oreshkin et al
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tarfile
@@ -23,25 +22,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fewshot.data.decoding import rgb_bytes
+from fewshot.data.cache import Cache, cached_or_decoded
+from fewshot.data.decoding import rgb_image, rgb_tensor
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import (
-    cache_path,
-    check_cache_writable,
-    data_root,
-    download,
-    image_misfit,
-    load_cache,
-    make_root,
-    md5sum,
-    save_cache,
-    source_record,
-)
+from fewshot.data.files import data_root, download, make_root, md5sum, source_record
 from fewshot.data.pickles import read_pickle
 from fewshot.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# For fewshot.data.registry: data.name -> its title, and a user's image file read as these.
+TITLES = {"cifarfs": "CIFAR-FS", "fc100": "FC100"}
+decode_image = rgb_image
 ARCHIVE = "cifar-100-python.tar.gz"
 URL = f"https://www.cs.toronto.edu/~kriz/{ARCHIVE}"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -143,9 +135,7 @@ def _members(archive: Path) -> dict[str, dict]:
 
 def _resized(image: torch.Tensor, image_size: int) -> torch.Tensor:
     """uint8 [3, 32, 32] -> [3, S, S], resized as every dataset here is (decoding.rgb_bytes)."""
-    pixels = rgb_bytes(Image.fromarray(image.permute(1, 2, 0).numpy()), image_size)
-    square = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(image_size, image_size, 3)
-    return square.permute(2, 0, 1)
+    return rgb_tensor(Image.fromarray(image.permute(1, 2, 0).numpy()), image_size)
 
 
 def _decode_all(archive: Path, image_size: int) -> dict:
@@ -188,20 +178,8 @@ def _decode_all(archive: Path, image_size: int) -> dict:
     return {"images": images.contiguous(), "names": fine_names, "superclasses": superclasses}
 
 
-def _cache(root: Path, archive: Path, image_size: int, cache_dir: str | None):
-    """The cache of this archive at this size, and the record of the archive it names."""
-    sources = source_record(root, [archive])
-    key = hashlib.sha1(repr(sorted(sources.items())).encode()).hexdigest()[:10]
-    return cache_path(root, cache_dir, "cifar100", f"cifar100_{image_size}px_{key}.pt"), sources
-
-
-def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
-    """Why a cache read back does not fit this load (see files.load_cache), or None."""
-    if data.get("sources") != sources:
-        return "it was decoded from another archive than data.root holds now"
-    wrong = image_misfit(data, ("images",), 3, image_size)
-    if wrong is not None:
-        return wrong
+def _misfit(data: dict) -> str | None:
+    """Why the classes of a cache read back do not fit CIFAR-100's, or None."""
     shape = tuple(data["images"].shape[:2])
     if shape != (CLASSES, IMAGES_PER_CLASS):
         return (
@@ -212,27 +190,41 @@ def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
     return None
 
 
+# Both benchmarks' one cache: all of CIFAR-100 (see `_decode_all`), written whole and mapped.
+CACHE = Cache(
+    "cifar100",
+    ("images",),
+    3,
+    _misfit,
+    mmap=True,
+    changed="another archive than data.root holds now",
+)
+
+
 def _cifar100(
     root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None
 ) -> dict:
-    """The decoded CIFAR-100 (see `_decode_all`), from its cache when the archive is unchanged."""
+    """The decoded CIFAR-100 (see `_decode_all`), from its cache when the archive is unchanged:
+    a fetched archive is checked as it arrives, one already there (its md5) before decoding."""
     root = data_root(root, ARCHIVE)
-    if (root / ARCHIVE).is_file():
-        cache, sources = _cache(root, root / ARCHIVE, image_size, cache_dir)
-        cached = load_cache(cache, mmap=True, misfit=lambda d: _misfit(d, image_size, sources))
-        if cached is not None:
-            return cached
-    elif not download:
-        raise DataError(missing_data_message(root))
-    else:
+    archive = root / ARCHIVE
+    fetched = not archive.is_file()
+    if fetched:
+        if not download:
+            raise DataError(missing_data_message(root))
         make_root(root)
-    archive = _archive(root, download)
-    cache, sources = _cache(root, archive, image_size, cache_dir)
-    check_cache_writable(cache)
-    log.info("decoding CIFAR-100 from %s (once; cached at %s)", archive, cache)
-    data = {**_decode_all(archive, image_size), "sources": sources}
-    save_cache(cache, data)
-    return data
+        _archive(root, download)
+    return cached_or_decoded(
+        CACHE,
+        root,
+        cache_dir,
+        image_size,
+        source_record(root, [archive]),
+        lambda: _decode_all(archive, image_size),
+        "CIFAR-100",
+        archive,
+        check=None if fetched else lambda: _archive(root, download),
+    )
 
 
 def _select(data: dict, keep: dict[str, tuple[str, ...]], what: str) -> dict[str, ClassImages]:
@@ -249,26 +241,16 @@ def _select(data: dict, keep: dict[str, tuple[str, ...]], what: str) -> dict[str
 
 
 def load_cifarfs(
-    root: str | os.PathLike,
-    image_size: int,
-    download: bool,
-    cache_dir: str | None = None,
-    workers: int = 0,
+    root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None = None
 ) -> dict[str, ClassImages]:
-    """CIFAR-FS meta-train/val/test: 64/16/20 classes, uint8 [classes, 600, 3, S, S].
-    `workers` are the episode loader's: the archive decodes in this process."""
+    """CIFAR-FS meta-train/val/test: 64/16/20 classes, uint8 [classes, 600, 3, S, S]."""
     return _select(_cifar100(root, image_size, download, cache_dir), CIFAR_FS, "CIFAR-FS")
 
 
 def load_fc100(
-    root: str | os.PathLike,
-    image_size: int,
-    download: bool,
-    cache_dir: str | None = None,
-    workers: int = 0,
+    root: str | os.PathLike, image_size: int, download: bool, cache_dir: str | None = None
 ) -> dict[str, ClassImages]:
-    """FC100 meta-train/val/test: the classes of 12/4/4 superclasses, 60/20/20 classes.
-    `workers` are the episode loader's: the archive decodes in this process."""
+    """FC100 meta-train/val/test: the classes of 12/4/4 superclasses, 60/20/20 classes."""
     data = _cifar100(root, image_size, download, cache_dir)
     keep = {
         split: tuple(n for n, s in zip(data["names"], data["superclasses"]) if s in supers)

@@ -3,6 +3,7 @@ worker processes, a block at a time so memory stays bounded, logging progress.""
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing
 import re
@@ -62,6 +63,20 @@ def rgb_bytes(image: Image.Image, image_size: int) -> bytes:
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return image.tobytes()
+
+
+def rgb_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """An image's pixels as uint8 [3, S, S], resized as `rgb_bytes` resizes them."""
+    pixels = torch.frombuffer(bytearray(rgb_bytes(image, image_size)), dtype=torch.uint8)
+    return pixels.view(image_size, image_size, 3).permute(2, 0, 1)
+
+
+def rgb_image(data: bytes, image_size: int) -> torch.Tensor:
+    """An image file's bytes -> uint8 [3, S, S], as the RGB datasets read theirs (a loader's
+    `decode_image`, see fewshot.data.registry). Raises what PIL raises (IMAGE_ERRORS): the
+    caller names the file."""
+    with Image.open(io.BytesIO(data)) as image:
+        return rgb_tensor(image, image_size)
 
 
 def per_class_count(classes: dict[str, Sequence[T]], what: str) -> int:

@@ -92,14 +92,6 @@ def gather_episodes(images: Tensor, indices: EpisodeIndices) -> Episodes:
     )
 
 
-def sample_task(
-    classes: ClassImages, way: int, shot: int, query: int, generator: torch.Generator
-) -> Episodes:
-    """One task without a tasks dimension: `way` classes, `shot + query` distinct images each."""
-    indices = sample_indices(classes, "", way, shot, query, generator)
-    return gather_episodes(classes.images.flatten(0, 1), indices)
-
-
 def stack_tasks(tasks: list[Episodes]) -> Episodes:
     return Episodes(*(torch.stack(field) for field in zip(*tasks)))
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
-import logging
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,23 +20,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, write_split
+from fewshot.data.cache import SPLITS, cached_or_decoded, class_splits, split_cache, write_splits
+from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, rgb_image
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import (
-    cache_path,
-    check_cache_writable,
-    data_root,
-    image_misfit,
-    load_cache,
-    source_record,
-    write_chunked_cache,
-)
+from fewshot.data.files import ChunkedCache, data_root, source_record
 from fewshot.data.pickles import load_pickle
 from fewshot.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
+# For fewshot.data.registry: data.name -> its title, and a user's image file read as these.
+TITLES = {"miniimagenet": "Mini-ImageNet"}
+decode_image = rgb_image
+CACHE = split_cache("miniimagenet")
 EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Ravi & Larochelle's split (data.split=ravi): the ImageNet classes (wnids) of each meta-split,
 # 600 images each, as their train/val/test.csv list them (github.com/twitter-research/
@@ -307,23 +298,6 @@ def check_ravi(split: str, counts: dict[str, int], origin: Path, exact: bool = T
         )
 
 
-def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
-    """Why a cache read back does not fit this load (see files.load_cache), or None."""
-    if data.get("sources") != sources:
-        return "it was decoded from other files than data.root holds now"
-    wrong = image_misfit(data, SPLITS, 3, image_size)
-    if wrong is not None:
-        return wrong
-    names = data.get("names")
-    if not isinstance(names, dict) or any(len(names.get(s, ())) != len(data[s]) for s in SPLITS):
-        return "its class names do not match its images"
-    return None
-
-
-def _splits(cached: dict) -> dict[str, ClassImages]:
-    return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}
-
-
 def load_miniimagenet(
     root: str | os.PathLike,
     image_size: int,
@@ -351,50 +325,45 @@ def load_miniimagenet(
     if not root.is_dir():
         raise DataError(missing_data_message(root))
     source = find_source(root)
-    fingerprint = hashlib.sha1(repr(sorted(source.files.items())).encode()).hexdigest()[:10]
-    cache = cache_path(
-        root, cache_dir, "miniimagenet", f"miniimagenet_{image_size}px_{fingerprint}.pt"
+    cached = cached_or_decoded(
+        CACHE,
+        root,
+        cache_dir,
+        image_size,
+        source.files,
+        lambda out: _decode(source, root, out, image_size, workers, split),
+        f"Mini-ImageNet ({source.layout})",
+        root,
     )
-    cached = load_cache(
-        cache, mmap=True, verify=False, misfit=lambda data: _misfit(data, image_size, source.files)
-    )
-    if cached is None:
-        check_cache_writable(cache)
-        _decode(source, root, cache, image_size, workers, split)
-        cached = load_cache(cache, mmap=True, verify=False)
     if split == "ravi":
         for s in SPLITS:
             counts = dict.fromkeys(cached["names"][s], cached[s].shape[1])
             check_ravi(s, counts, source.origin[s], exact=False)
-    return _splits(cached)
+    return class_splits(cached)
 
 
 def _decode(
-    source: Source, root: Path, cache: Path, image_size: int, workers: int, split: str
+    source: Source, root: Path, out: ChunkedCache, image_size: int, workers: int, split: str
 ) -> None:
-    """Decode every split of `source` into `cache`, refusing what `split` does not take before
+    """Decode every split of `source` into `out`, refusing what `split` does not take before
     decoding it."""
-    log.info("decoding Mini-ImageNet (%s) from %s (once; cached at %s)", source.layout, root, cache)
-    started = time.perf_counter()
-    decode = functools.partial(_decode_image, image_size=image_size)
-    names: dict[str, list[str]] = {}
-    with write_chunked_cache(cache) as out:
-        for part in SPLITS:
-            classes = source.read(part)  # one split in memory at a time
-            if not classes:
-                raise DataError(f"the meta-{part} split under data.root={root} has no classes")
-            if split == "ravi":
-                counts = {name: len(images) for name, images in classes.items()}
-                check_ravi(part, counts, source.origin[part])
-            for other, seen in names.items():
-                if shared := sorted(set(seen) & classes.keys()):
-                    raise DataError(
-                        f"classes {shared[:3]} are in both meta-{other} and meta-{part} "
-                        f"under {root}"
-                    )
-            names[part] = list(classes)
-            write_split(out, part, classes, decode, image_size, workers, f"meta-{part}")
-            del classes
-        out.put("names", names)
-        out.put("sources", source.files)
-    log.info("decoded Mini-ImageNet in %.0f s", time.perf_counter() - started)
+    seen: dict[str, set[str]] = {}
+
+    def read(part: str) -> Classes:
+        classes = source.read(part)
+        if not classes:
+            raise DataError(f"the meta-{part} split under data.root={root} has no classes")
+        if split == "ravi":
+            counts = {name: len(images) for name, images in classes.items()}
+            check_ravi(part, counts, source.origin[part])
+        for other, names in seen.items():
+            if shared := sorted(names & classes.keys()):
+                raise DataError(
+                    f"classes {shared[:3]} are in both meta-{other} and meta-{part} under {root}"
+                )
+        seen[part] = set(classes)
+        return classes
+
+    write_splits(
+        out, read, functools.partial(_decode_image, image_size=image_size), image_size, workers
+    )

@@ -14,21 +14,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fewshot.data.cache import Cache, cached_or_decoded
 from fewshot.data.decoding import IMAGE_ERRORS, image_error
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import (
-    cache_path,
-    check_cache_writable,
-    data_root,
-    download,
-    image_misfit,
-    load_cache,
-    make_root,
-    save_cache,
-)
+from fewshot.data.files import data_root, download, make_root
 from fewshot.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+# For fewshot.data.registry: data.name -> its title; `decode_image` (below) reads a user's
+# image file as these.
+TITLES = {"omniglot": "Omniglot"}
 
 PARTS = ("images_background", "images_evaluation")
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
@@ -246,17 +242,16 @@ def _source_record(root: Path, sources: dict[str, Path]) -> dict[str, int | str]
     return record
 
 
-def _misfit(data: dict, image_size: int, record: dict[str, int | str]) -> str | None:
-    """Why a cache read back does not fit this load (see files.load_cache), or None."""
-    if data.get("sources") != record:
-        return "it was decoded from other files than data.root holds now"
-    wrong = image_misfit(data, ("images",), 1, image_size)
-    if wrong is not None:
-        return wrong
+def _misfit(data: dict) -> str | None:
+    """Why the characters of a cache read back do not fit its images, or None."""
     images, names = data["images"], data.get("names")
     if not isinstance(names, list) or len(names) != len(images) or images.shape[1] != DRAWINGS:
         return f"its names do not match its images {tuple(images.shape)}"
     return None
+
+
+# Every character, greyscale, written whole (it is small).
+CACHE = Cache("omniglot", ("images",), 1, _misfit)
 
 
 def load_omniglot(
@@ -269,17 +264,14 @@ def load_omniglot(
     if not root.is_dir() and not download:
         raise DataError(missing_data_message(root, False))
     sources = _sources(root, download)
+
+    def decode() -> dict:
+        data = _decode_all(sources, image_size)
+        return {"images": data.images, "names": data.names}
+
     record = _source_record(root, sources)
-    key = hashlib.sha1(repr(sorted(record.items())).encode()).hexdigest()[:10]
-    cache = cache_path(root, cache_dir, "omniglot", f"omniglot_{image_size}px_{key}.pt")
-    cached = load_cache(cache, misfit=lambda data: _misfit(data, image_size, record))
-    if cached is not None:
-        return ClassImages(cached["images"], list(cached["names"]))
-    check_cache_writable(cache)
-    log.info("decoding Omniglot from %s (once; cached at %s)", root, cache)
-    data = _decode_all(sources, image_size)
-    save_cache(cache, {"images": data.images, "names": data.names, "sources": record})
-    return data
+    cached = cached_or_decoded(CACHE, root, cache_dir, image_size, record, decode, "Omniglot", root)
+    return ClassImages(cached["images"], list(cached["names"]))
 
 
 def _part_source(root: Path | None, part: str) -> str:
@@ -392,10 +384,8 @@ def omniglot(
     download: bool,
     cache_dir: str | None,
     split: str,
-    workers: int,
 ) -> dict[str, ClassImages]:
-    """The meta-train/val/test classes of `split` (conf/data/omniglot.yaml's `_target_`).
-    `workers` are the episode loader's: the zips decode in this process."""
+    """The meta-train/val/test classes of `split` (conf/data/omniglot.yaml's `_target_`)."""
     if split not in SPLITS:  # before minutes of decoding, not after
         raise ConfigError(f"data.split={split!r} is not an Omniglot split; choose one of {SPLITS}")
     data = load_omniglot(root, image_size, download, cache_dir)

@@ -5,34 +5,25 @@ category into 351/97/160 classes (20/6/8 categories), 84 px; read from its commo
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, write_split
+from fewshot.data.cache import SPLITS, cached_or_decoded, class_splits, split_cache, write_splits
+from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes, rgb_image
 from fewshot.data.episodes import ClassImages
-from fewshot.data.files import (
-    cache_path,
-    check_cache_writable,
-    data_root,
-    image_misfit,
-    load_cache,
-    source_record,
-    write_chunked_cache,
-)
+from fewshot.data.files import ChunkedCache, data_root, source_record
 from fewshot.data.pickles import load_pickle
 from fewshot.errors import ConfigError, DataError
 
-log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
+# For fewshot.data.registry: data.name -> its title, and a user's image file read as these.
+TITLES = {"tieredimagenet": "tieredImageNet"}
+decode_image = rgb_image
+CACHE = split_cache("tieredimagenet")
 LABEL_KEYS = ("label_specific", "label_general", "label_specific_str", "label_general_str")
 # Ren et al.'s split (data.split=ren): meta-split -> (classes, categories). It is defined by
 # categories, so these counts are what defines it; its classes hold unequal numbers of images
@@ -125,19 +116,6 @@ def check_ren(split: str, names: list[str], origin: Path) -> None:
         )
 
 
-def _misfit(data: dict, image_size: int, sources: dict[str, int]) -> str | None:
-    """Why a cache read back does not fit this load (see files.load_cache), or None."""
-    if data.get("sources") != sources:
-        return "it was decoded from other files than data.root holds now"
-    wrong = image_misfit(data, SPLITS, 3, image_size)
-    if wrong is not None:
-        return wrong
-    names = data.get("names")
-    if not isinstance(names, dict) or any(len(names.get(s, ())) != len(data[s]) for s in SPLITS):
-        return "its class names do not match its images"
-    return None
-
-
 def load_tieredimagenet(
     root: str | os.PathLike,
     image_size: int,
@@ -164,30 +142,34 @@ def load_tieredimagenet(
     root = data_root(root, "{train,val,test}_images_png.pkl and {train,val,test}_labels.pkl")
     files = _files(root)
     sources = source_record(root, [path for pair in files.values() for path in pair])
-    fingerprint = hashlib.sha1(repr(sorted(sources.items())).encode()).hexdigest()[:10]
-    name = f"tieredimagenet_{image_size}px_{fingerprint}.pt"
-    cache = cache_path(root, cache_dir, "tieredimagenet", name)
-    cached = load_cache(
-        cache, mmap=True, verify=False, misfit=lambda data: _misfit(data, image_size, sources)
+    cached = cached_or_decoded(
+        CACHE,
+        root,
+        cache_dir,
+        image_size,
+        sources,
+        lambda out: _write(out, files, image_size, workers, split),
+        "tieredImageNet",
+        root,
     )
-    if cached is None:
-        check_cache_writable(cache)
-        log.info("decoding tieredImageNet from %s (once; cached at %s)", root, cache)
-        started = time.perf_counter()
-        decode = functools.partial(_decode, image_size=image_size)
-        names: dict[str, list[str]] = {}
-        with write_chunked_cache(cache) as out:
-            for part in SPLITS:
-                check = functools.partial(check_ren, part, origin=files[part][1])
-                classes = _split_classes(*files[part], check if split == "ren" else None)
-                names[part] = list(classes)
-                write_split(out, part, classes, decode, image_size, workers, f"meta-{part}")
-                del classes  # the split's PNGs leave memory before the next are read
-            out.put("names", names)
-            out.put("sources", sources)
-        log.info("decoded tieredImageNet in %.0f s", time.perf_counter() - started)
-        cached = load_cache(cache, mmap=True, verify=False)
     if split == "ren":
         for part in SPLITS:
             check_ren(part, list(cached["names"][part]), files[part][1])
-    return {s: ClassImages(cached[s], list(cached["names"][s])) for s in SPLITS}
+    return class_splits(cached)
+
+
+def _write(
+    out: ChunkedCache,
+    files: dict[str, tuple[Path, Path]],
+    image_size: int,
+    workers: int,
+    split: str,
+) -> None:
+    """Decode every split into `out`, checking its classes against `split` before its images
+    are read (the PNGs of one split in memory at a time)."""
+
+    def read(part: str) -> dict[str, list[tuple[str, object]]]:
+        check = functools.partial(check_ren, part, origin=files[part][1])
+        return _split_classes(*files[part], check if split == "ren" else None)
+
+    write_splits(out, read, functools.partial(_decode, image_size=image_size), image_size, workers)

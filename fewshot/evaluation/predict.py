@@ -10,14 +10,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from torch import Tensor
 
 from fewshot.checkpoints.reading import check_checkpoint_fits, load_checkpoint
 from fewshot.config import check_config
-from fewshot.data.decoding import IMAGE_ERRORS, image_error, rgb_bytes
+from fewshot.data.decoding import IMAGE_ERRORS, image_error
 from fewshot.data.episodes import Episodes
-from fewshot.data.omniglot import decode_image
+from fewshot.data.registry import dataset as dataset_named
 from fewshot.errors import ConfigError, DataError
 from fewshot.evaluation.protocol import precision, restored_module
 from fewshot.training.module import EpisodicModule
@@ -26,18 +25,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def read_image(path: str | os.PathLike, dataset: str, image_size: int) -> Tensor:
-    """An image file as `dataset`'s loader decodes its own: uint8 [C, S, S]. Omniglot's are
-    greyscale with bright strokes on black (fewshot.data.omniglot.decode_image inverts the
-    scans' black-on-white); the others RGB, resized as fewshot.data.decoding.rgb_bytes does."""
+    """An image file as `dataset`'s loader decodes its own: uint8 [C, S, S] (its loader
+    module's `decode_image`, found by fewshot.data.registry)."""
+    decode = dataset_named(dataset).decode_image
     try:
-        if dataset == "omniglot":
-            return decode_image(Path(path).read_bytes(), image_size)
-        with Image.open(path) as image:
-            pixels = rgb_bytes(image, image_size)
+        return decode(Path(path).read_bytes(), image_size)
     except IMAGE_ERRORS as err:  # a header claiming a huge size included: one line, no traceback
         raise DataError(f"cannot read image {path}: {image_error(err)}") from err
-    square = torch.frombuffer(bytearray(pixels), dtype=torch.uint8)
-    return square.view(image_size, image_size, 3).permute(2, 0, 1)
 
 
 def images_in(folder: str | os.PathLike, key: str) -> list[Path]:

@@ -7,107 +7,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fewshot.data.registry import dataset as dataset_named
 from fewshot.errors import DataError
+from fewshot.reporting.papers import PAPERS, key, result_key
 from fewshot.reporting.tables import SEED, Row, markdown, mean_std
 
-
-@dataclass(frozen=True)
-class PaperResult:
-    """A test accuracy a paper reports, as printed there (percent ± 95% CI where it gives one)."""
-
-    algorithm: str
-    first_order: bool | None
-    dataset: str
-    way: int
-    shot: int
-    accuracy: str
-
-
-@dataclass(frozen=True)
-class Paper:
-    title: str
-    algorithm: str
-    protocol: str  # how the paper's numbers were obtained, to read ours against
-    results: tuple[PaperResult, ...]
-
-
-def _maml(dataset: str, way: int, shot: int, accuracy: str, first_order: bool = False):
-    return PaperResult("maml", first_order, dataset, way, shot, accuracy)
-
-
-PAPERS = (
-    Paper(
-        "MAML (Finn, Abbeel & Levine, ICML 2017, Tables 1 and 2)",
-        "maml",
-        "Omniglot: 1200 training characters (`vinyals` split), rotations as classes, 28x28; "
-        "transductive batch norm; Mini-ImageNet: 15 query images per class, 10 inner steps at test.",
-        (
-            _maml("omniglot", 5, 1, "98.7 ± 0.4"),
-            _maml("omniglot", 5, 5, "99.9 ± 0.1"),
-            _maml("omniglot", 20, 1, "95.8 ± 0.3"),
-            _maml("omniglot", 20, 5, "98.9 ± 0.2"),
-            _maml("miniimagenet", 5, 1, "48.70 ± 1.84"),
-            _maml("miniimagenet", 5, 5, "63.11 ± 0.92"),
-            _maml("miniimagenet", 5, 1, "48.07", first_order=True),
-            _maml("miniimagenet", 5, 5, "63.15", first_order=True),
-        ),
-    ),
-    Paper(
-        "Meta-LSTM (Ravi & Larochelle, ICLR 2017, Table 1)",
-        "metalstm",
-        "Mini-ImageNet 64/16/20 classes, 84x84; batch norm at test with support-set statistics.",
-        (
-            PaperResult("metalstm", None, "miniimagenet", 5, 1, "43.44 ± 0.77"),
-            PaperResult("metalstm", None, "miniimagenet", 5, 5, "60.60 ± 0.71"),
-        ),
-    ),
-    Paper(
-        "Meta-SGD (Li, Zhou, Chen & Li, arXiv 2017, Tables 1 and 2)",
-        "metasgd",
-        "MAML's nets and splits, one inner step, step sizes meta-learned per coordinate.",
-        (
-            PaperResult("metasgd", False, "omniglot", 5, 1, "99.53 ± 0.26"),
-            PaperResult("metasgd", False, "omniglot", 20, 1, "95.93 ± 0.38"),
-            PaperResult("metasgd", False, "miniimagenet", 5, 1, "50.47 ± 1.87"),
-            PaperResult("metasgd", False, "miniimagenet", 5, 5, "64.03 ± 0.94"),
-        ),
-    ),
-    Paper(
-        "MAML++ (Antoniou, Edwards & Storkey, ICLR 2019, Tables 1 and 2)",
-        "mamlpp",
-        "5 inner steps, every MAML++ part on; numbers as listed for the paper (Papers with "
-        "Code), without the paper's ± (not checked against its table here).",
-        (
-            PaperResult("mamlpp", False, "omniglot", 5, 1, "99.47"),
-            PaperResult("mamlpp", False, "omniglot", 5, 5, "99.85"),
-            PaperResult("mamlpp", False, "omniglot", 20, 1, "97.65"),
-            PaperResult("mamlpp", False, "omniglot", 20, 5, "99.33"),
-            PaperResult("mamlpp", False, "miniimagenet", 5, 1, "52.40"),
-            PaperResult("mamlpp", False, "miniimagenet", 5, 5, "67.15"),
-        ),
-    ),
-    Paper(
-        "ANIL (Raghu, Raghu, Bengio & Vinyals, ICLR 2020, Table 2)",
-        "anil",
-        "MAML's Mini-ImageNet settings, the inner loop adapting the head alone.",
-        (
-            PaperResult("anil", False, "miniimagenet", 5, 1, "46.7 ± 0.4"),
-            PaperResult("anil", False, "miniimagenet", 5, 5, "61.5 ± 0.5"),
-        ),
-    ),
-)
-
-DATASET_NAMES = {
-    "omniglot": "Omniglot",
-    "miniimagenet": "Mini-ImageNet",
-    "tieredimagenet": "tieredImageNet",
-    "cifarfs": "CIFAR-FS",
-    "fc100": "FC100",
-}
 COLUMNS = (
     "setting",
     "paper",
@@ -134,13 +41,10 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
-def _setting(dataset: str, way: int, shot: int, first_order: bool | None) -> str:
-    name = f"{DATASET_NAMES.get(dataset, dataset)} {way}-way {shot}-shot"
+def _setting(algorithm: str, first_order: bool, dataset: str, way: int, shot: int) -> str:
+    """A row's setting, from its key (papers.key)."""
+    name = f"{dataset_named(dataset).title} {way}-way {shot}-shot"
     return name + (" (first order)" if first_order else "")
-
-
-def _key(algorithm: str, first_order: Any, dataset: str, way: int, shot: int) -> tuple:
-    return algorithm, bool(first_order), dataset, way, shot
 
 
 def _ours(row: Row) -> dict[str, Any]:
@@ -190,34 +94,28 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
         seed = result.get("train_seed")
         row = Row.evaluated("", {} if seed is None else {SEED: str(seed)}, [result])
         p = row.protocol
-        key = _key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
-        by_key.setdefault(key, []).append(row)
+        setting = key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
+        by_key.setdefault(setting, []).append(row)
+    reported = {result_key(paper, result) for paper in PAPERS for result in paper.results}
     sections = []
     for paper in PAPERS:
         rows = []
-        for reported in paper.results:
-            key = _key(reported.algorithm, reported.first_order, *_dws(reported))
-            paper_cell = reported.accuracy
-            setting = _setting(*_dws(reported), reported.first_order)
-            ours = by_key.pop(key, [])
-            rows += _ours_with_seeds(ours, {"setting": setting, "paper": paper_cell})
+        for result in paper.results:
+            setting = _setting(*result_key(paper, result))
+            ours = by_key.pop(result_key(paper, result), [])
+            rows += _ours_with_seeds(ours, {"setting": setting, "paper": result.accuracy})
             if not ours:
-                rows.append({"setting": setting, "paper": paper_cell, "fewshot": "not run"})
-        for key in [k for k in by_key if k[0] == paper.algorithm]:
-            setting = _setting(key[2], key[3], key[4], key[1])
-            rows += _ours_with_seeds(by_key.pop(key), {"setting": setting, "paper": "—"})
+                rows.append({"setting": setting, "paper": result.accuracy, "fewshot": "not run"})
+        # Then the method's settings no paper reports (those another paper does wait for it).
+        for other in [k for k in by_key if k[0] == paper.algorithm and k not in reported]:
+            rows += _ours_with_seeds(by_key.pop(other), {"setting": _setting(*other), "paper": "—"})
         sections.append(
             f"### {paper.title}\n\nPaper's protocol: {paper.protocol}\n\n" + markdown(COLUMNS, rows)
         )
-    for key, others in by_key.items():  # algorithms no paper here reports
-        setting = _setting(key[2], key[3], key[4], key[1])
-        rows = _ours_with_seeds(others, {"setting": setting, "paper": "—"})
-        sections.append(f"### {key[0]}\n\n" + markdown(COLUMNS, rows))
+    for other, results in by_key.items():  # algorithms no paper here reports
+        rows = _ours_with_seeds(results, {"setting": _setting(*other), "paper": "—"})
+        sections.append(f"### {other[0]}\n\n" + markdown(COLUMNS, rows))
     return "\n".join(sections)
-
-
-def _dws(reported: PaperResult) -> tuple[str, int, int]:
-    return reported.dataset, reported.way, reported.shot
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,9 +17,6 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-# Final metrics shown beside the hyperparameters; their own tags, so that they do not add a
-# point to the training curves.
-HPARAM_METRICS = ("hp/val_acc_best", "hp/val_acc", "hp/train_loss")
 INNER_STEP_TAG = "val_inner_steps/acc_at_step_{step:07d}"  # x axis: inner step, 0 = before
 # The inner-step curves go to an event file of their own (TensorBoard run `<run>/inner_steps`):
 # their x axis is the inner step, which a resumed run's purge of steps >= its checkpoint's
@@ -132,6 +129,8 @@ class TensorBoardViews(pl.Callback):
             return
         metrics = trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        # Final metrics shown beside the hyperparameters; their own tags, so that they do not
+        # add a point to the training curves.
         final = {
             "hp/val_acc_best": best,
             "hp/val_acc": metrics.get("val/acc"),

@@ -181,7 +181,7 @@ def test_a_zip_missing_an_alphabet_is_refused_by_the_paper_splits(
 ):
     root = write_release(tmp_path / "data", release, without(f"{BACKGROUND}/Korean/"))
     with pytest.raises(DataError) as error:
-        og.omniglot(root, 8, False, str(tmp_path / "cache"), split, 0)
+        og.omniglot(root, 8, False, str(tmp_path / "cache"), split)
     assert str(error.value) == paper_split_refusal(
         root / f"{BACKGROUND}.zip", "lacks the alphabet Korean (40 characters)", split
     )
@@ -217,7 +217,7 @@ def test_a_missing_or_extra_character_or_folder_is_named(
 ):
     root = write_release(tmp_path / "data", release, change)
     with pytest.raises(DataError) as error:
-        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals", 0)
+        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals")
     assert str(error.value) == paper_split_refusal(root / f"{part}.zip", what, "vinyals")
 
 
@@ -238,7 +238,7 @@ def test_a_character_of_other_than_20_drawings_is_named_with_its_zip(
 
     root = write_release(tmp_path / "data", release, change)
     with pytest.raises(DataError) as error:
-        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals", 0)
+        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals")
     assert str(error.value) == (
         f"{root / f'{EVALUATION}.zip'} holds {count} drawings of {character}, and every "
         f"Omniglot character has 20: replace the zip with the official {EVALUATION}.zip (or "
@@ -259,13 +259,13 @@ def test_a_cache_decoded_from_a_damaged_zip_is_refused_and_replacing_the_zip_is_
     with monkeypatch.context() as patch:
         patch.setattr(og, "_decode_all", no_decoding)
         with pytest.raises(DataError) as error:
-            og.omniglot(root, 8, False, cache, "vinyals", 0)
+            og.omniglot(root, 8, False, cache, "vinyals")
     assert str(error.value) == paper_split_refusal(
         root / f"{BACKGROUND}.zip", "lacks the alphabet Korean (40 characters)", "vinyals"
     )
     # The official zip in its place is decoded anew, not read from the damaged one's cache.
     write_release(root, release)
-    splits = og.omniglot(root, 8, False, cache, "vinyals", 0)
+    splits = og.omniglot(root, 8, False, cache, "vinyals")
     assert {s: c.num_classes for s, c in splits.items()} == {
         "train": 4 * 1028,
         "val": 4 * 172,
@@ -282,7 +282,7 @@ def test_a_downloaded_zip_missing_an_alphabet_is_refused_too(
     )
     root = tmp_path / "data"
     with pytest.raises(DataError) as error:
-        og.omniglot(root, 8, True, str(tmp_path / "cache"), "background", 0)
+        og.omniglot(root, 8, True, str(tmp_path / "cache"), "background")
     assert str(error.value) == paper_split_refusal(
         root / f"{EVALUATION}.zip", "lacks the alphabet Angelic (20 characters)", "background"
     )
@@ -301,7 +301,7 @@ def test_an_extracted_folder_missing_alphabets_is_refused_naming_the_folder(
         archive.extractall(root)
     shutil.copy(zipped / f"{EVALUATION}.zip", root)
     with pytest.raises(DataError) as error:
-        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals", 0)
+        og.omniglot(root, 8, False, str(tmp_path / "cache"), "vinyals")
     assert str(error.value) == (
         f"{root / BACKGROUND} lacks the alphabet Anglo-Saxon_Futhorc (29 characters) (and 28 "
         "more differences); data.split=vinyals is a paper split, defined on the official "
@@ -314,8 +314,8 @@ def test_data_smaller_than_the_release_goes_through_the_any_split(release, tmp_p
     root = write_release(tmp_path / "data", release, first_alphabets(2))
     cache = str(tmp_path / "cache")
     with pytest.raises(DataError, match="lacks the alphabet"):
-        og.omniglot(root, 8, False, cache, "vinyals", 0)
-    splits = og.omniglot(root, 8, False, cache, "any", 0)
+        og.omniglot(root, 8, False, cache, "vinyals")
+    splits = og.omniglot(root, 8, False, cache, "any")
     characters = {s: {n.rsplit("/", 1)[0] for n in c.names} for s, c in splits.items()}
     # 20 + 29 characters of background, 20 + 26 of evaluation, cut 1028:172:423 (rounded).
     assert {s: len(c) for s, c in characters.items()} == {"train": 60, "val": 10, "test": 25}
@@ -333,7 +333,7 @@ def test_the_any_split_of_the_complete_release_is_vinyals(omniglot):
 
 def test_an_unknown_omniglot_split_is_refused_before_reading_any_data(tmp_path):
     with pytest.raises(ConfigError, match=r"data.split='custom' is not an Omniglot split"):
-        og.omniglot(tmp_path / "nowhere", 28, False, None, "custom", 0)
+        og.omniglot(tmp_path / "nowhere", 28, False, None, "custom")
 
 
 # --- Mini-ImageNet -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fewshot.data.episodes import FixedEpisodes, MetaBatchStream, episode_generator, sample_task
+from fewshot.data.episodes import FixedEpisodes, MetaBatchStream
 from tests.helpers import labelled_classes
 
 
@@ -18,15 +18,16 @@ def classes():
 
 
 def test_task_has_episode_shapes_and_balanced_labels(classes):
-    task = sample_task(classes, way=5, shot=3, query=4, generator=episode_generator(0, "t"))
+    task = FixedEpisodes(classes, "test", way=5, shot=3, query=4, count=1, seed=0)[0]
     assert task.support_x.shape == (15, 1, 2, 2) and task.query_x.shape == (20, 1, 2, 2)
     assert torch.bincount(task.support_y).tolist() == [3] * 5
     assert torch.bincount(task.query_y).tolist() == [4] * 5
 
 
 def test_support_and_query_are_disjoint_and_each_label_is_one_class(classes):
-    for index in range(20):
-        task = sample_task(classes, 5, 2, 15, episode_generator(1, index))
+    tasks = list(FixedEpisodes(classes, "test", 5, 2, 15, count=20, seed=1))
+    assert len(tasks) == 20
+    for task in tasks:
         support, query = identities(task.support_x), identities(task.query_x)
         assert not set(support) & set(query)
         assert len(set(support + query)) == len(support) + len(query)
@@ -38,8 +39,8 @@ def test_support_and_query_are_disjoint_and_each_label_is_one_class(classes):
 
 def test_labels_are_assigned_to_classes_at_random(classes):
     first_classes = {
-        identities(sample_task(classes, 5, 1, 1, episode_generator(0, i)).support_x)[0][0]
-        for i in range(30)
+        identities(task.support_x)[0][0]
+        for task in FixedEpisodes(classes, "test", 5, 1, 1, count=30, seed=0)
     }
     assert len(first_classes) > 3
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from fewshot.data import miniimagenet as mi
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.data.episodes import FixedEpisodes
-from fewshot.data.files import raw_path
+from fewshot.data.files import load_cache, raw_path
 from fewshot.errors import ConfigError, DataError
 from tests.helpers import make_miniimagenet, mini_arrays, write_mini_layout
 
@@ -200,7 +200,7 @@ def test_a_cache_from_one_source_is_not_reused_for_another(pickled_roots, tmp_pa
     mi.load_miniimagenet(root, SIZE, cache_dir=str(cache), split="any")
     headers = sorted(cache.glob("*.pt"))
     assert len(headers) == 3
-    sources = [mi.load_cache(h, mmap=True, verify=False)["sources"] for h in headers]
+    sources = [load_cache(h, mmap=True, verify=False)["sources"] for h in headers]
     assert sum("mini-imagenet-cache-train.pkl" in s for s in sources) == 1
     assert len({tuple(sorted(s.items())) for s in sources}) == 3  # each with its sizes
 
