@@ -1,1 +1,1 @@
-"""fewshot: episodic meta-learning (MAML, Meta-LSTM) configured by Hydra, run by Lightning."""
+"""fewshot: few-shot meta-learning (the MAML family, Meta-LSTM) configured by Hydra, run by Lightning."""

@@ -1,4 +1,4 @@
-"""The README's results tables come from evaluation JSON files, beside the papers' numbers."""
+"""Results tables (docs/results-*.md) come from evaluation JSON files, beside the papers' numbers."""
 
 import json
 import subprocess

@@ -19,7 +19,7 @@ from fewshot.models.functional import (
 
 
 class EagerPasses:
-    """Gradients by torch.autograd.grad, the faster way per task on CPU (README, Speed)."""
+    """Gradients by torch.autograd.grad, the faster way per task on CPU (docs/performance.md)."""
 
     def __init__(self, backbone: FunctionalBackbone) -> None:
         self.backbone = backbone

@@ -37,13 +37,13 @@ class Conv4(nn.Module):
 
     Padding, stride and pooling are settings because they change what the net learns: on
     Omniglot 5-way 1-shot, padding 2 / stride 2 without pooling plateaus lower than padding 1
-    with max-pooling (measured accuracies are the README's to keep, not this docstring's).
+    with max-pooling (measured accuracies belong in docs/, not in this docstring).
     Batch norm keeps no running statistics: what it normalises with is an argument of
     `forward_with` (see fewshot.models.functional).
 
     `channels_last` lays the activations out channels-last; "auto" does so for nets that
     max-pool and for images from 64 px up, where oneDNN's channels-last kernels are the faster
-    ones on CPU (README, "Speed").
+    ones on CPU (docs/performance.md, Layout).
 
     `settings`: the `backbone` keys a run chooses and their ranges (fewshot.settings); the
     others (in_channels, image_size, num_classes) follow the data and the task. `check_fits`

@@ -1,4 +1,4 @@
-"""The README's results tables, made from evaluate.py's JSON files beside the papers' numbers:
+"""Results tables (docs/results-*.md), made from evaluate.py's JSON files beside the papers' numbers:
 python -m fewshot.reporting.results outputs/*/*/eval/*.json [--output results.md]"""
 
 from __future__ import annotations

@@ -41,5 +41,5 @@ def physical_cores() -> int:
 def auto_threads(cores: int | None = None) -> int:
     """`threads: auto`: one thread per physical core. With the passive wait set above, that
     measured faster beside a busy neighbour than one thread, and steady where torch's own
-    default (the same count, spinning waits) was several times slower (README, Threads)."""
+    default (the same count, spinning waits) was several times slower (docs/performance.md, Threads)."""
     return max(1, physical_cores() if cores is None else cores)
