@@ -1,8 +1,11 @@
 """What the tests share that is not a fixture: builders of small learners, episodes and datasets in
 the real formats, checkpoints and scripts run as a user runs them, SLURM and TensorBoard readers."""
 
+import fcntl
+import hashlib
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -181,6 +184,33 @@ def checkpoint_that_runs_code(path: Path, marker: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, path)
     return path
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `folder`: relative path -> (modification time, SHA-256 of its bytes)."""
+    return {
+        str(path.relative_to(folder)): (
+            path.stat().st_mtime_ns,
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+        )
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def made_once(folder: Path, make: Callable[[Path], object]) -> Path:
+    """`folder`, filled by `make(folder)` in the first process that asks for it; the others
+    (pytest-xdist's workers) wait for it under a file lock and share it. A `make` that failed
+    leaves no folder behind to share: the next process to ask tries again."""
+    done = folder.with_name(f"{folder.name}.done")
+    with open(folder.with_name(f"{folder.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            done.touch()
+    return folder
 
 
 def run_script(script: str, *overrides: str, expect_ok: bool = True):

@@ -25,16 +25,15 @@ def changed_copy(good: Path, path: Path, change) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
-    """A real 5-way conv4 checkpoint; a truncated copy, a Lightning-less torch file, and copies
-    whose run config is incomplete or names an algorithm fewshot lacks, or that hold no
-    weights or no training state; an old Meta-LSTM checkpoint."""
-    run_dir = tmp_path_factory.mktemp("run")
-    run_script("train.py", *quick_overrides, "trainer.max_steps=2", f"hydra.run.dir={run_dir}")
-    good = run_dir / "checkpoints" / "last.ckpt"
-    truncated = run_dir / "truncated.ckpt"
+def checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
+    """A real 5-way conv4 checkpoint (the shared trained run's last.ckpt); a truncated copy, a
+    Lightning-less torch file, and copies whose run config is incomplete or names an algorithm
+    fewshot lacks, or that hold no weights or no training state; an old Meta-LSTM checkpoint."""
+    good = trained_run / "checkpoints" / "last.ckpt"
+    folder = tmp_path_factory.mktemp("checkpoints")
+    truncated = folder / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:5000])
-    foreign = run_dir / "foreign.ckpt"
+    foreign = folder / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
     edits = {
         "incomplete": lambda c: [c["fewshot_config"].pop(k) for k in ("algo", "way")],
@@ -46,8 +45,8 @@ def checkpoints(quick_overrides, tmp_path_factory) -> dict[str, Path]:
         "ckpt": good,
         "truncated": truncated,
         "foreign": foreign,
-        "absent": run_dir / "no.ckpt",
-        **{name: changed_copy(good, run_dir / f"{name}.ckpt", e) for name, e in edits.items()},
+        "absent": folder / "no.ckpt",
+        **{name: changed_copy(good, folder / f"{name}.ckpt", e) for name, e in edits.items()},
         "metalstm": OLD_CHECKPOINTS / "metalstm.ckpt",
     }
 

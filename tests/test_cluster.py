@@ -9,12 +9,16 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from fewshot.cli import hydra_error_line
 from fewshot.experiments.cluster import claimed_slot, requeued_resume
 from fewshot.experiments.runs import RESULT, Run
 from fewshot.experiments.sweep import sweep_summary
 from tests.helpers import (
+    CONF,
     REPO,
     SLURM_LAUNCHER,
     job_state,
@@ -223,11 +227,6 @@ def test_srun_ddp_with_two_tasks_gives_the_one_process_meta_gradient(
             "hydra.launcher.cpus_per_task=64",  # the test node has 2
             "hydra.launcher.cpus_per_task=64 is refused by SLURM: allocation failure:",
         ),
-        (  # minutes, as submitit takes them; the launcher's schema refuses other formats
-            "hydra.launcher.timeout_min=1:00:00",
-            "Error merging override hydra.launcher.timeout_min=1:00:00; Value '1:00:00' of type "
-            "'str' could not be converted to Integer",
-        ),
     ],
 )
 def test_slurm_settings_the_cluster_refuses_are_named_before_anything_is_submitted(
@@ -242,6 +241,25 @@ def test_slurm_settings_the_cluster_refuses_are_named_before_anything_is_submitt
     assert line.startswith(f"error: {message}")
     assert not (tmp_path / ".submitit").exists()
     assert set(slurm("squeue", "-h", "-o", "%i").split()) <= before  # nothing submitted
+
+
+def test_a_slurm_setting_of_the_wrong_type_is_refused_as_the_config_is_composed():
+    """Before anything is submitted: nothing is launched before the config composes. The launcher
+    takes minutes, as submitit does; its schema refuses other formats. (train.py prints the line
+    alone, as for every Hydra error: tests/test_bad_inputs.py.)"""
+    with (
+        initialize_config_dir(config_dir=str(CONF), version_base="1.3"),
+        pytest.raises(HydraException) as caught,
+    ):
+        compose(
+            "train",
+            [*SLURM_LAUNCHER, "hydra.launcher.timeout_min=1:00:00"],
+            return_hydra_config=True,
+        )
+    assert hydra_error_line(caught.value) == (
+        "Error merging override hydra.launcher.timeout_min=1:00:00; Value '1:00:00' of type "
+        "'str' could not be converted to Integer"
+    )
 
 
 def test_the_slurm_launcher_without_sbatch_says_so(tmp_path):
@@ -262,30 +280,39 @@ def test_the_slurm_launcher_without_sbatch_says_so(tmp_path):
     )
 
 
-# train.py with the launcher plugins hidden, as where the `cluster` extra is not installed.
+# train.py with the launcher plugins hidden, as where the `cluster` extra is not installed: run
+# once per launcher named on the command line (one process, the imports paid once), each run's
+# exit status printed after it.
 WITHOUT_PLUGINS = """
 import runpy, sys
 for name in ("hydra_plugins.hydra_submitit_launcher", "hydra_plugins.hydra_joblib_launcher"):
     sys.modules[name] = None
-sys.argv = ["train.py", *sys.argv[1:]]
-runpy.run_path("train.py", run_name="__main__")
+for launcher in sys.argv[1:]:
+    sys.argv = ["train.py", "-m", f"hydra/launcher={launcher}"]
+    try:
+        runpy.run_path("train.py", run_name="__main__")
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    print(f"exit status {status}", file=sys.stderr, flush=True)
 """
+PLUGINS = {"slurm": "hydra-submitit-launcher", "parallel": "hydra-joblib-launcher"}
 
 
-@pytest.mark.parametrize(
-    "launcher, package",
-    [("slurm", "hydra-submitit-launcher"), ("parallel", "hydra-joblib-launcher")],
-)
-def test_a_launcher_without_its_plugin_names_the_install_command(tmp_path, launcher, package):
+def test_a_launcher_without_its_plugin_names_the_install_command():
     proc = subprocess.run(
-        [sys.executable, "-c", WITHOUT_PLUGINS, "-m", f"hydra/launcher={launcher}"],
+        [sys.executable, "-c", WITHOUT_PLUGINS, *PLUGINS],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: hydra/launcher={launcher} needs {package}, which is not installed: "
-        'pip install -e ".[cluster]"'
-    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stderr.strip().split("exit status ")
+    for (launcher, package), before, status in zip(PLUGINS.items(), said, said[1:]):
+        assert status.startswith("2"), proc.stderr[-3000:]
+        assert before.strip().splitlines()[-1] == (
+            f"error: hydra/launcher={launcher} needs {package}, which is not installed: "
+            'pip install -e ".[cluster]"'
+        )
+    assert len(said) == len(PLUGINS) + 1, proc.stderr[-3000:]

@@ -2,12 +2,14 @@
 several episode counts from one pass."""
 
 import csv
+import importlib.util
 import json
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from fewshot.checkpoints.reading import load_checkpoint
-from tests.helpers import run_script
+from tests.helpers import CONF, REPO, run_script
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,19 @@ def test_a_list_of_checkpoints_is_evaluated_into_one_table(sweep_table, tmp_path
     assert all(r["status"] == "evaluated" and r["test/acc_4"] for r in rows)
 
 
-def test_evaluate_without_a_checkpoint_or_run_is_one_line():
-    proc = run_script("evaluate.py", expect_ok=False)
-    assert proc.returncode == 2 and "error: give ckpt=" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_evaluate_without_a_checkpoint_or_run_is_one_line(capsys):
+    """evaluate.py's own function on its default config, in this process (as a subprocess, with
+    Hydra's console: tests/test_bad_inputs.py)."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("evaluate")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main.__wrapped__(cfg)  # under @hydra.main
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()  # err: also what Hydra's plugin scan says of pytest's warnings
+    assert out == "" and err.count("give ckpt=") == 1
+    assert err.splitlines()[-1] == (
+        "error: give ckpt=<file> (or a list [a,b]) or run=<run or sweep folder>"
+    )

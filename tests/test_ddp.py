@@ -14,6 +14,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from fewshot.training.build import build_datamodule, build_module
 from tests.helpers import meta_gradients, run_script
 
+# Each test runs two processes, one a CPU: under xdist, one test after another on one worker.
+pytestmark = pytest.mark.xdist_group("ddp")
+
 TASKS_PER_RANK = 2
 DDP = [
     "trainer=ddp",

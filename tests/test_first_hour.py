@@ -4,8 +4,10 @@ neighbouring job cannot make pathological, a config key checked before anything 
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 
 from fewshot.config import check_config
 from fewshot.errors import ConfigError
+from fewshot.training import threads
 from fewshot.training.build import set_threads
 from fewshot.training.threads import auto_threads, physical_cores
 from tests.helpers import REPO, compose_train, run_script
@@ -85,8 +88,59 @@ def test_auto_threads_follow_omp_num_threads_where_it_is_set(monkeypatch):
     assert set_threads("auto") == 1
 
 
-def test_physical_cores_count_hyperthreads_once():
-    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+SYS_CPU = "/sys/devices/system/cpu"
+
+
+def sysfs_under(root: Path):
+    """`Path` with the kernel's CPU folder (SYS_CPU) moved to `root`, every other path kept."""
+
+    def path(*parts) -> Path:
+        path = str(Path(*parts))
+        return (
+            root / path.removeprefix(f"{SYS_CPU}/")
+            if path.startswith(f"{SYS_CPU}/")
+            else Path(path)
+        )
+
+    return path
+
+
+# CPU -> (package, core) as sysfs gives them; None: a machine whose sysfs hides the topology.
+HYPERTHREADED = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}  # 2 cores, 2 threads each
+TWO_SOCKETS = {0: (0, 0), 1: (1, 0)}  # core ids count from 0 in each package
+
+
+@pytest.mark.parametrize(
+    "topology, allowed, cores",
+    [
+        (HYPERTHREADED, {0, 1, 2, 3}, 2),
+        (HYPERTHREADED, {0, 2}, 1),  # one core's two threads
+        (HYPERTHREADED, {1, 2}, 2),
+        (TWO_SOCKETS, {0, 1}, 2),
+        (None, {0, 1, 2}, 3),  # no topology to read: each CPU counts
+    ],
+    ids=["hyperthreads", "siblings", "one-thread-of-each", "two-sockets", "hidden"],
+)
+def test_physical_cores_count_hyperthreads_once(topology, allowed, cores, tmp_path, monkeypatch):
+    for cpu, (package, core) in (topology or {}).items():
+        folder = tmp_path / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text(f"{package}\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(threads, "Path", sysfs_under(tmp_path))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    assert physical_cores() == cores
+
+
+def test_physical_cores_are_the_cores_lscpu_lists_for_this_process():
+    if shutil.which("lscpu") is None:
+        pytest.skip("no lscpu here")
+    table = subprocess.run(["lscpu", "-p=cpu,core,socket"], capture_output=True, text=True)
+    rows = [line.split(",") for line in table.stdout.splitlines() if not line.startswith("#")]
+    if table.returncode != 0 or any("" in row for row in rows):
+        pytest.skip(f"lscpu lists no cores here: {table.stdout[-500:]}{table.stderr[-500:]}")
+    allowed = os.sched_getaffinity(0)
+    assert physical_cores() == len({(s, c) for cpu, c, s in rows if int(cpu) in allowed})
 
 
 # CPU time a process spends while it sleeps after a parallel torch op: OpenMP threads that spin

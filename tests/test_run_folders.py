@@ -2,7 +2,6 @@
 training in is locked, a resume keeps the best it had wherever its folder now lives, a refused
 resume changes nothing, and a sweep's job that starts over sets its earlier attempt aside."""
 
-import hashlib
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from fewshot.experiments.runs import (
     unlock_run,
 )
 from fewshot.experiments.sweep import Job, recorded_job
-from tests.helpers import REPO, run_script, start_script, wait_for
+from tests.helpers import REPO, run_script, snapshot, start_script, wait_for
 
 RANKS = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "SLURM_RESTART_COUNT")
 
@@ -39,29 +38,13 @@ def first_process(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def trained_run(quick_overrides, tmp_path_factory) -> Path:
-    """A finished 4-step run (validated at steps 2 and 4); tests change only copies of it."""
-    run_dir = tmp_path_factory.mktemp("runs") / "trained"
-    run_script("train.py", *quick_overrides, f"hydra.run.dir={run_dir}")
-    return run_dir
+# trained_run (tests/conftest.py): a finished 4-step run (validated at steps 2 and 4), shared by
+# the session; tests here change only copies of it (copy_of_trained_run, or `copied`).
 
 
 def copied(run_dir: Path, to: Path) -> Path:
     shutil.copytree(run_dir, to)
     return to
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file under `folder`: relative path -> (modification time, SHA-256 of its bytes)."""
-    return {
-        str(path.relative_to(folder)): (
-            path.stat().st_mtime_ns,
-            hashlib.sha256(path.read_bytes()).hexdigest(),
-        )
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -93,9 +76,9 @@ def recorded_best(path: Path) -> tuple[float, str]:
 
 @pytest.mark.parametrize("resumed_from", [None, "best.ckpt"], ids=["new", "from-its-best"])
 def test_a_new_run_into_a_finished_runs_folder_is_refused_and_changes_nothing(
-    resumed_from, trained_run, quick_overrides, tmp_path
+    resumed_from, copy_of_trained_run, quick_overrides
 ):
-    run = copied(trained_run, tmp_path / "run")
+    run = copy_of_trained_run
     before = snapshot(run)
     ckpt = [f"ckpt_path={run}/checkpoints/{resumed_from}"] if resumed_from else []
     proc = run_script("train.py", *quick_overrides, *ckpt, f"hydra.run.dir={run}", expect_ok=False)
@@ -218,9 +201,9 @@ def test_a_folder_is_locked_by_one_process_and_a_crashed_one_leaves_it_free(tmp_
 
 
 def test_a_second_run_into_a_folder_a_run_is_training_in_is_refused(
-    trained_run, quick_overrides, tmp_path
+    copy_of_trained_run, quick_overrides, tmp_path
 ):
-    run = copied(trained_run, tmp_path / "run")
+    run = copy_of_trained_run
     resume = [*quick_overrides, f"ckpt_path={run}/checkpoints/last.ckpt"]
     first = start_script("train.py", *resume, "trainer.max_steps=100000", log=tmp_path / "log")
     try:
@@ -268,9 +251,9 @@ def test_a_moved_run_resumed_keeps_its_best_checkpoint_and_score(
 
 
 def test_a_run_resumed_from_best_ckpt_starts_a_new_folder_with_a_best_of_its_own(
-    trained_run, quick_overrides, tmp_path
+    copy_of_trained_run, quick_overrides, tmp_path
 ):
-    run, fork = copied(trained_run, tmp_path / "run"), tmp_path / "fork"
+    run, fork = copy_of_trained_run, tmp_path / "fork"
     with_best_score(run / "checkpoints" / "best.ckpt", 1.0)
     before = snapshot(run)
     run_script(
@@ -290,9 +273,9 @@ def test_a_run_resumed_from_best_ckpt_starts_a_new_folder_with_a_best_of_its_own
 
 
 def test_a_refused_resume_changes_no_checkpoint_result_evaluation_or_event(
-    trained_run, quick_overrides, tmp_path
+    copy_of_trained_run, quick_overrides
 ):
-    run = copied(trained_run, tmp_path / "run")
+    run = copy_of_trained_run
     (run / "eval").mkdir()
     (run / "eval" / "best_600ep_seed0.json").write_text('{"test/acc": 0.5}\n')
     kept = ("checkpoints", "result.json", "eval", "tensorboard")
