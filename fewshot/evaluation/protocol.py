@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -15,7 +14,13 @@ from torch import Tensor
 
 from fewshot.checkpoints.format import current_state_dict
 from fewshot.checkpoints.reading import check_checkpoint_fits, check_state_fits, load_checkpoint
-from fewshot.config import OUTER_LOOP_KEYS, check_config, check_value, int_at_least
+from fewshot.config import (
+    OUTER_LOOP_KEYS,
+    check_config,
+    check_value,
+    component_class,
+    int_at_least,
+)
 from fewshot.errors import ConfigError
 from fewshot.experiments.runs import best_val_acc, eval_result_path, task_suffix
 from fewshot.files import unwritable, write_json
@@ -61,7 +66,7 @@ def protocol(cfg: DictConfig) -> dict[str, Any]:
 
 def test_keys(cfg: DictConfig) -> tuple[str, ...]:
     """The `algo` keys that shape the learner's adaptation at test time."""
-    return hydra.utils.get_class(cfg.algo._target_).test_keys
+    return component_class(cfg, "algo").test_keys
 
 
 def precision(cfg: DictConfig) -> str:
