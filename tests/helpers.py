@@ -78,6 +78,28 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(w.split("=", 1) for w in words if "=" in w)
 
 
+def submitted_job_id(sweep_dir: Path) -> str:
+    """The SLURM id of a one-job sweep's job: a plain job (no array), its folder named by its id."""
+    wait_for(lambda: (sweep_dir / ".submitit").is_dir(), "the sweep's submission")
+    (job_id,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit()]
+    return job_id
+
+
+def ended(proc: subprocess.Popen, log: Path, sweep_dir: Path, timeout: float = 300) -> int:
+    """Wait for a launched sweep; its exit status. If it does not end, fail with what it and
+    its SLURM jobs printed, and SLURM's record of them."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        jobs = sorted((sweep_dir / ".submitit").glob("*/*_log.*"))
+        ids = sorted({p.parent.name for p in jobs})
+        states = [slurm("scontrol", "-o", "show", "job", i, check=False) for i in ids]
+        told = [f"== {p}\n{p.read_text()[-3000:]}" for p in [log, *jobs]]
+        lines = [f"the sweep did not end in {timeout} s", *told, *states]
+        raise AssertionError("\n".join(lines)) from None
+
+
 def release_requeued(job_id: str) -> None:
     """Start a requeued job now: SLURM holds one for about two minutes (BeginTime) first.
 
@@ -85,8 +107,11 @@ def release_requeued(job_id: str) -> None:
     the start time is set again for as long as the job still waits."""
 
     def started() -> bool:
-        if job_state(job_id)["JobState"] != "PENDING":
+        state = job_state(job_id)
+        if state["JobState"] != "PENDING":
             return False
+        if "held" in state.get("Reason", "").lower():  # e.g. launch_failed_requeued_held
+            slurm("scontrol", "release", job_id, check=False)
         slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(1)
         return job_state(job_id)["JobState"] != "PENDING"

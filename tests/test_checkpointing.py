@@ -72,7 +72,7 @@ def test_checkpoints_written_before_reading_as_data_still_load(path):
 def test_a_training_step_draws_no_global_random_numbers(algo, omniglot):
     """Why a checkpoint needs no RNG state to resume exactly: a step's meta-loss and
     meta-gradient depend only on the weights and the batch, which is a function of (seed, step)."""
-    cfg = compose_train(f"algo={algo}", "algo.meta_batch_size=2")
+    cfg = compose_train(f"algo={algo}", "algo.meta_batch_size=2", "backbone.channels=8")
     module = build_module(cfg)
     classes = omniglot_splits(omniglot, cfg.data.split)["train"]
     stream = MetaBatchStream(classes, cfg.way, cfg.shot, cfg.query, 2, cfg.seed, start=3)

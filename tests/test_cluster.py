@@ -21,6 +21,7 @@ from tests.helpers import (
     CONF,
     REPO,
     SLURM_LAUNCHER,
+    ended,
     job_state,
     logged_past_checkpoint,
     meta_gradients,
@@ -29,6 +30,7 @@ from tests.helpers import (
     scalars,
     slurm,
     start_script,
+    submitted_job_id,
     wait_for,
 )
 
@@ -127,6 +129,30 @@ def test_a_failing_slurm_job_loses_no_other_jobs_result(slurm_cluster, quick_ove
     assert Run(tmp_path / "1").best_ckpt.is_file()
 
 
+def test_a_slurm_job_killed_before_it_could_write_its_result_is_listed_failed(
+    slurm_cluster, quick_overrides, tmp_path
+):
+    # SIGKILL (as from the OOM killer) leaves no result file, and this cluster, like many small
+    # ones, keeps no accounting for sacct to tell that the job ended: only its controller knows.
+    log = tmp_path / "sweep.log"
+    proc = start_script(
+        "train.py",
+        "-m",
+        *SLURM_LAUNCHER,
+        *quick_overrides,
+        f"trainer.max_steps={STEPS}",
+        f"hydra.sweep.dir={tmp_path}",
+        log=log,
+    )
+    wait_for(lambda: (tmp_path / "0" / "train.log").is_file(), "the job's start")
+    job_id = submitted_job_id(tmp_path)
+    slurm("scancel", "--signal=KILL", job_id)
+    assert ended(proc, log, tmp_path, timeout=180) == 1, log.read_text()[-3000:]
+    _, _, (row,) = sweep_summary(tmp_path)
+    assert row.status == "failed"
+    assert f"SLURM job {job_id} ended" in row.error and "without writing its result" in row.error
+
+
 def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_finished(
     slurm_cluster, quick_overrides, tmp_path
 ):
@@ -144,20 +170,15 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
         f"hydra.sweep.dir={sweep}",
         log=log,
     )
-    try:
-        job = sweep / "0"
-        step = wait_for(lambda: logged_past_checkpoint(job), "a checkpoint and a step past it")
-        assert step < STEPS
-        # A one-job sweep is a plain SLURM job (no array): its folder is named by its id.
-        (job_id,) = [p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit()]
-        # USR2 is what submitit's --signal sends before the time limit, and what it handles as
-        # preemption: it requeues the job, whose next start resumes from last.ckpt.
-        slurm("scancel", "--signal=USR2", job_id)
-        release_requeued(job_id)
-        proc.wait(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, log.read_text()[-3000:]
+    job = sweep / "0"
+    step = wait_for(lambda: logged_past_checkpoint(job), "a checkpoint and a step past it")
+    assert step < STEPS
+    job_id = submitted_job_id(sweep)
+    # USR2 is what submitit's --signal sends before the time limit, and what it handles as
+    # preemption: it requeues the job, whose next start resumes from last.ckpt.
+    slurm("scancel", "--signal=USR2", job_id)
+    release_requeued(job_id)
+    assert ended(proc, log, sweep) == 0, log.read_text()[-3000:]
     log = (job / "train.log").read_text()
     assert "Requeued job" in log and "resuming from" in log
     assert scalars(job) == scalars(reference)  # every value, before and after, as uninterrupted

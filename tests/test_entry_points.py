@@ -20,31 +20,29 @@ def test_training_writes_best_and_last_checkpoints_and_tensorboard_events(traine
     assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_evaluate_reports_accuracy_ci_and_protocol_as_json(trained_run, tmp_path):
-    out = tmp_path / "result.json"
-    proc = run_script(
-        "evaluate.py", f"ckpt={trained_run}/checkpoints/best.ckpt", "episodes=10", f"output={out}"
-    )
-    result = json.loads(out.read_text())
-    assert result["episodes"] == 10 and 0 <= result["test/acc"] <= 1 and result["test/acc_ci95"] > 0
-    assert result["protocol"]["batch_norm"] == "transductive"
-    assert result["protocol"]["inner_steps_test"] == 3
-    assert "95% CI" in proc.stdout
-
-
-def test_a_checkpoint_is_scored_under_the_other_batch_norm_mode_into_its_own_file(
+def test_evaluate_reports_accuracy_ci_and_protocol_and_another_batch_norm_in_a_file_of_its_own(
     copy_of_trained_run, tmp_path
 ):
     run = copy_of_trained_run  # evaluate.py writes into the run's eval/
     ckpt = run / "checkpoints" / "best.ckpt"
-    for mode in ([], ["algo.batch_norm_test=support"]):
-        proc = run_script(
-            "evaluate.py", f"ckpt={ckpt}", "episodes=6", *mode, f"hydra.run.dir={tmp_path}"
-        )
+    proc = run_script("evaluate.py", f"ckpt={ckpt}", "episodes=10", f"hydra.run.dir={tmp_path}")
+    own_file = run / "eval" / "best_10ep_seed0.json"
+    result = json.loads(own_file.read_text())
+    assert result["episodes"] == 10 and 0 <= result["test/acc"] <= 1 and result["test/acc_ci95"] > 0
+    assert result["protocol"]["batch_norm"] == "transductive"
+    assert result["protocol"]["inner_steps_test"] == 3
+    assert "95% CI" in proc.stdout
+    own = own_file.read_text()
+    proc = run_script(
+        "evaluate.py",
+        f"ckpt={ckpt}",
+        "episodes=10",
+        "algo.batch_norm_test=support",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert "support batch norm" in proc.stdout
-    own = json.loads((run / "eval" / "best_6ep_seed0.json").read_text())
-    support = json.loads((run / "eval" / "best_bn-support_6ep_seed0.json").read_text())
-    assert own["protocol"]["batch_norm"] == "transductive"  # the run's own, kept
+    support = json.loads((run / "eval" / "best_bn-support_10ep_seed0.json").read_text())
+    assert own_file.read_text() == own  # the run's own, kept
     assert support["protocol"]["batch_norm"] == "support"
     assert support["protocol"]["batch_norm_train"] == "transductive"
 
@@ -61,18 +59,14 @@ def last_checkpoint_accuracy(run: Path, out: Path, *overrides: str) -> float:
     return json.loads(out.read_text())["test/acc"]
 
 
-def test_evaluation_uses_the_same_episodes_for_the_same_seed(trained_run, tmp_path):
-    results = [last_checkpoint_accuracy(trained_run, tmp_path / f"{n}.json") for n in ("a", "b")]
-    assert results[0] == results[1]
-
-
-def test_compiled_evaluation_scores_the_checkpoint_as_the_eager_one(trained_run, tmp_path):
-    accuracies = [
-        last_checkpoint_accuracy(trained_run, tmp_path / f"{c}.json", f"algo.compile={c}")
-        for c in ("false", "true")
-    ]
+def test_evaluation_repeats_its_episodes_for_the_same_seed_and_compiled_scores_as_eager(
+    trained_run, tmp_path
+):
+    eager = [last_checkpoint_accuracy(trained_run, tmp_path / f"{n}.json") for n in ("a", "b")]
+    assert eager[0] == eager[1]  # the run's own algo.compile=false, twice
+    compiled = last_checkpoint_accuracy(trained_run, tmp_path / "c.json", "algo.compile=true")
     # float noise may flip a few of the 6 x 75 queries
-    assert accuracies[1] == pytest.approx(accuracies[0], abs=1 / 75)
+    assert compiled == pytest.approx(eager[0], abs=1 / 75)
 
 
 def test_bf16_evaluation_of_a_float32_run_says_so_in_its_protocol(trained_run, tmp_path):

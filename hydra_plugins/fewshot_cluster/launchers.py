@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,56 @@ SBATCH_OPTIONS = {
     "mem_gb": "--mem",
     "constraint": "--constraint",
 }
+
+
+# Job states in which a SLURM job runs no more (squeue/scontrol names).
+ENDED = frozenset(
+    {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY"}
+    | {"TIMEOUT"}
+)
+FORGOTTEN = "no longer known to SLURM"
+RESULT_GRACE_S = 20  # a result file written just before the job's end may reach us later (NFS)
+
+
+class JobLost(RuntimeError):
+    """A SLURM job ended without the result file submitit writes at a job's end."""
+
+    def __init__(self, state: str, log_file: Path) -> None:
+        super().__init__(f"it ended without writing its result (killed?); its log: {log_file}")
+        self.state = state
+
+
+def controller_state(job_id: str) -> str | None:
+    """The job's state as slurmctld holds it (`scontrol show job`), FORGOTTEN once it no longer
+    does (MinJobAge after the job's end), None where scontrol cannot say now."""
+    proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return FORGOTTEN if "Invalid job id" in proc.stderr else None
+    words = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)
+    return words.get("JobState")
+
+
+def waited_result(job: Any, poll_s: float = 2.0) -> Any:
+    """The job's return value once it ends (submitit's job.results()), or JobLost.
+
+    Submitit learns a job's end from its result file or from sacct. Where SLURM keeps no
+    accounting, sacct answers nothing and submitit reads the state as UNKNOWN for ever: a job
+    killed before it could write its result (SIGKILL, the OOM killer, a node lost) would be
+    waited for without end. There, ask the controller instead.
+    """
+    ended_at = None
+    while not job.done():
+        state = job.state
+        if state == "UNKNOWN":
+            state = controller_state(job.job_id)
+        if state in ENDED or state == FORGOTTEN:
+            ended_at = ended_at or time.monotonic()
+            if time.monotonic() - ended_at > RESULT_GRACE_S:
+                raise JobLost(state, job.paths.stderr)
+        else:
+            ended_at = None
+        time.sleep(poll_s)
+    return job.results()[0]
 
 
 def user_error(message: str) -> HydraException:
@@ -154,10 +205,10 @@ if _SubmititSlurm is not None:
 
         def _outcome(self, job: Any, overrides: Sequence[str], number: int) -> JobReturn:
             try:
-                return job.results()[0]
+                return waited_result(job)
             except Exception as err:  # killed by SLURM (memory, time, scancel) or lost
                 reason = " ".join(str(err).split())[:500]
-                state = job.state
+                state = getattr(err, "state", None) or job.state
                 sweep_cfg = self.hydra_context.config_loader.load_sweep_config(
                     self.config, list(overrides)
                 )
