@@ -85,38 +85,43 @@ def submitted_job_id(sweep_dir: Path) -> str:
     return job_id
 
 
-def ended(proc: subprocess.Popen, log: Path, sweep_dir: Path, timeout: float = 300) -> int:
-    """Wait for a launched sweep; its exit status. If it does not end, fail with what it and
-    its SLURM jobs printed, and SLURM's record of them."""
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        jobs = sorted((sweep_dir / ".submitit").glob("*/*_log.*"))
-        ids = sorted({p.parent.name for p in jobs})
-        states = [slurm("scontrol", "-o", "show", "job", i, check=False) for i in ids]
-        told = [f"== {p}\n{p.read_text()[-3000:]}" for p in [log, *jobs]]
-        lines = [f"the sweep did not end in {timeout} s", *told, *states]
-        raise AssertionError("\n".join(lines)) from None
+def ended(
+    proc: subprocess.Popen,
+    log: Path,
+    sweep_dir: Path,
+    timeout: float = 300,
+    requeued: str | None = None,
+) -> int:
+    """Wait for a launched sweep; its exit status. `requeued`: the id of a job of it that SLURM
+    requeues, which is started whenever it waits (start_requeued). If the sweep does not end,
+    fail with what it and its SLURM jobs printed, and SLURM's record of them."""
+    deadline = time.monotonic() + timeout  # a guard against hanging, not a measurement
+    while proc.poll() is None and time.monotonic() < deadline:
+        if requeued is not None:
+            start_requeued(requeued)
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.kill()
+    jobs = sorted((sweep_dir / ".submitit").glob("*/*_log.*"))
+    ids = sorted({p.parent.name for p in jobs})
+    states = [slurm("scontrol", "-o", "show", "job", i, check=False) for i in ids]
+    told = [f"== {p}\n{p.read_text()[-3000:]}" for p in [log, *jobs]]
+    raise AssertionError("\n".join([f"the sweep did not end in {timeout} s", *told, *states]))
 
 
-def release_requeued(job_id: str) -> None:
-    """Start a requeued job now: SLURM holds one for about two minutes (BeginTime) first.
+def start_requeued(job_id: str) -> dict[str, str]:
+    """If the job waits after a requeue, start it now; SLURM's record of it (job_state).
 
-    The hold is set when the requeue completes, which can come after the job reads PENDING, so
-    the start time is set again for as long as the job still waits."""
-
-    def started() -> bool:
-        state = job_state(job_id)
-        if state["JobState"] != "PENDING":
-            return False
+    SLURM holds a requeued job for about two minutes (BeginTime), set when the requeue
+    completes, which can come after the job reads PENDING: so this is called for as long as
+    the job is awaited. A job whose relaunch failed is held until released."""
+    state = job_state(job_id)
+    if state["JobState"] == "PENDING" and int(state.get("Restarts", 0)) > 0:
         if "held" in state.get("Reason", "").lower():  # e.g. launch_failed_requeued_held
             slurm("scontrol", "release", job_id, check=False)
         slurm("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-        time.sleep(1)
-        return job_state(job_id)["JobState"] != "PENDING"
-
-    wait_for(started, lambda: f"the requeued job to start: {job_state(job_id)}")
+    return state
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

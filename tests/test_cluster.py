@@ -25,10 +25,10 @@ from tests.helpers import (
     job_state,
     logged_past_checkpoint,
     meta_gradients,
-    release_requeued,
     run_script,
     scalars,
     slurm,
+    start_requeued,
     start_script,
     submitted_job_id,
     wait_for,
@@ -177,8 +177,7 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
     # USR2 is what submitit's --signal sends before the time limit, and what it handles as
     # preemption: it requeues the job, whose next start resumes from last.ckpt.
     slurm("scancel", "--signal=USR2", job_id)
-    release_requeued(job_id)
-    assert ended(proc, log, sweep) == 0, log.read_text()[-3000:]
+    assert ended(proc, log, sweep, requeued=job_id) == 0, log.read_text()[-3000:]
     log = (job / "train.log").read_text()
     assert "Requeued job" in log and "resuming from" in log
     assert scalars(job) == scalars(reference)  # every value, before and after, as uninterrupted
@@ -189,13 +188,12 @@ def test_a_slurm_job_requeued_mid_run_resumes_exactly_and_is_not_retrained_once_
     # The launcher returns on the job's result file, before SLURM may have recorded its end.
     wait_for(lambda: job_state(job_id)["JobState"] == "COMPLETED", "the job's second end")
     slurm("scontrol", "requeue", job_id)
-    release_requeued(job_id)
-    wait_for(
-        lambda: (
-            job_state(job_id)["JobState"] == "COMPLETED" and job_state(job_id)["Restarts"] == "2"
-        ),
-        lambda: f"the job's third end: {job_state(job_id)}",
-    )
+
+    def third_end() -> bool:
+        state = start_requeued(job_id)
+        return state["JobState"] == "COMPLETED" and state["Restarts"] == "2"
+
+    wait_for(third_end, lambda: f"the job's third end: {job_state(job_id)}")
     assert "not training it again" in (job / "train.log").read_text()
     assert (job / RESULT).stat().st_mtime_ns == stamp
     assert json.loads((job / RESULT).read_text())["step"] == STEPS
