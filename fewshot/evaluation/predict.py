@@ -93,13 +93,18 @@ class Predictor:
                 f"was meta-trained on {self.way}-way tasks: give labels 0..{self.way - 1}, each once or more"
             )
         learner = self.module.learner
+        # Files are read on the CPU: the images go where the module is.
+        support_x, support_y, query_x = (
+            t.to(self.module.device) for t in (support_x, support_y, query_x)
+        )
         # The module's own conversion of the loader's uint8 images to floats.
         batch = self.module.on_after_batch_transfer(
             Episodes(support_x, support_y, query_x, support_y.new_zeros(len(query_x))), 0
         )
         bf16 = precision(self.cfg) == "bf16-mixed"
         # As in evaluation: no outer graph; the learner enables grad for its inner loop alone.
-        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        device = self.module.device
+        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits = learner.logits(batch.support_x, batch.support_y, batch.query_x)
         return logits.float()
 
