@@ -7,8 +7,16 @@ in the same run.
         [--device cuda]         # default cpu
         [--memory-steps 1 5 10 20] [--memory-only]
 
-Run it as a module from the repository root (`python -m`): a script path would import the
-installed fewshot, not the checkout's.
+    python -m bench.speed --whole-machine --data-root <omniglot> [--beside-busy]
+        # train.py and evaluate.py at their default threads beside the reference's best
+        # (bench/whole_machine.py; its options: --whole-machine -h)
+    python -m bench.speed --time-to-accuracy --data-root <omniglot> [--budgets 2 5 10]
+        # the quick start and the reference's MAML given the same minutes, scored alike
+        # (bench/time_to_accuracy.py)
+
+`python -m bench.speed` (from the repository root) and `python bench/speed.py` both import this
+checkout's bench and fewshot: run as a script, it puts the repository root first on sys.path,
+ahead of any installed fewshot.
 
 Each workload (synthetic inputs of the paper's shapes) is run by its reference
 (bench/reference.py: the same mathematics written the usual way, task by task) and by fewshot
@@ -31,18 +39,23 @@ its cost in time (fewshot's loop only; `--memory-only`: this report alone).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: bench/ is on sys.path, the repository root is not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
+import importlib
 import multiprocessing as mp
 import platform
 import queue
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +72,8 @@ from fewshot.methods.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
 
 REFERENCE = "reference"
+# Other measurements, in their own modules: `python -m bench.speed <flag> [their options]`.
+MODES = {"--whole-machine": "bench.whole_machine", "--time-to-accuracy": "bench.time_to_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -412,7 +427,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    for flag, module in MODES.items():  # their own options: python -m bench.speed <flag> -h
+        if flag in argv:
+            importlib.import_module(module).main([a for a in argv if a != flag])
+            return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3, help="timed steps per child")
@@ -444,7 +464,19 @@ def main() -> None:
         "algo.checkpoint_inner (none: skip the report)",
     )
     parser.add_argument("--memory-only", action="store_true", help="only the memory report")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--whole-machine",
+        action="store_true",
+        help="instead: train.py and evaluate.py at their default threads beside the reference "
+        "at its best thread count (bench/whole_machine.py; its options: --whole-machine -h)",
+    )
+    parser.add_argument(
+        "--time-to-accuracy",
+        action="store_true",
+        help="instead: the quick start and the reference's MAML trained for the same minutes, "
+        "scored on the same test episodes (bench/time_to_accuracy.py; --time-to-accuracy -h)",
+    )
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"error: --device cuda: CUDA is not available to torch {torch.__version__} here")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU only"
