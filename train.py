@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -55,12 +56,29 @@ def main(cfg: DictConfig) -> float | None:
             datamodule = build_datamodule(cfg)
             datamodule.setup()  # data errors surface now, before any training
             trainer = build_trainer(cfg, run_dir, restart_step)
+            log.info("%s", processes_line(trainer, cfg.algo.meta_batch_size))
             job.starts_training()
             trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
             best, step = fit_outcome(trainer)
             tested = final_test(cfg, run_dir, trainer) if cfg.test_after_training else None
             job.completed(best, step, tested)
     return job.value
+
+
+def processes_line(trainer: pl.Trainer, tasks: int) -> str:
+    """How the run uses the machine, in words."""
+    threads = torch.get_num_threads()
+    where = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    if trainer.world_size == 1:
+        return (
+            f"one process on {where}"
+            if trainer.strategy.root_device.type == "cpu"
+            else (f"one process on {trainer.strategy.root_device}")
+        )
+    return (
+        f"{trainer.world_size} processes of {where} each, sharing every meta-batch of {tasks} "
+        "tasks and the validation episodes"
+    )
 
 
 def parameter_count(module: pl.LightningModule) -> str:
@@ -72,11 +90,11 @@ def parameter_count(module: pl.LightningModule) -> str:
 
 def final_test(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer) -> dict[str, Any] | None:
     """Score the run's best.ckpt as `python evaluate.py ckpt=<run>/checkpoints/best.ckpt` would
-    (its default episodes and seed, its JSON in `<run>/eval/`); print its line and return the
-    result (None where there is nothing to test, or where other processes share the run)."""
+    (its default episodes and seed, its JSON in `<run>/eval/`, its episodes spread over the
+    run's processes as training's were); print its line and return the result (None where
+    there is nothing to test, or in the processes srun or torchrun started besides rank 0)."""
     best = Run(run_dir).best_ckpt
-    if trainer.world_size > 1:  # each DDP process runs this script: testing is left to one
-        log.info("DDP run: test it with  python evaluate.py ckpt=%s", best)
+    if trainer.global_rank > 0:
         return None
     if not best.is_file():
         log.warning("no %s (the run never validated): nothing to test", best)
@@ -84,7 +102,7 @@ def final_test(cfg: DictConfig, run_dir: Path, trainer: pl.Trainer) -> dict[str,
     protocol = OmegaConf.load(CONF / "evaluate.yaml")  # evaluate.py's defaults: one protocol
     progress = "test" if cfg.trainer.enable_progress_bar else None
     result, output = score_checkpoint(
-        best, protocol.episodes, protocol.seed, threads=None, progress=progress
+        best, protocol.episodes, protocol.seed, threads=cfg.threads, progress=progress
     )
     print(result_line(result, output), flush=True)
     return result

@@ -35,9 +35,26 @@ def user_error(err: BaseException) -> BaseException | None:
     while err is not None:
         if isinstance(err, USER_ERRORS):
             return err
+        raised_in_child = from_child_process(err)
+        if raised_in_child is not None:
+            return raised_in_child
         if isinstance(err, MissingMandatoryValue):  # a `???` the command line did not set
             return ConfigError(f"{err.full_key} must be set, e.g. {err.full_key}=<value>")
         err = err.__cause__
+    return None
+
+
+def from_child_process(err: BaseException) -> BaseException | None:
+    """The user error one of a run's processes raised (training shared over processes), which
+    torch's launcher passes on as the text of its traceback only (ProcessRaisedException):
+    rebuilt from its last line, `module.Class: message`. None for anything else."""
+    if type(err).__name__ != "ProcessRaisedException":
+        return None
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    name, _, message = (lines[-1] if lines else "").partition(": ")
+    for kind in USER_ERRORS:
+        if name == f"{kind.__module__}.{kind.__qualname__}":
+            return kind(message)
     return None
 
 

@@ -146,11 +146,11 @@ def logged_past_checkpoint(run_dir: Path) -> int | None:
     return step if logged and max(s for s, _ in logged) >= step else None
 
 
-def meta_gradients(last_ckpt: Path, tasks_per_rank: int) -> tuple[list, list, list]:
-    """For a DDP run's first meta-iteration: (the meta-gradient its optimiser was given, one
-    process's over every rank's tasks, rank 0's tasks alone). After one Adam step,
-    exp_avg = (1 - beta1) * the meta-gradient."""
-    from fewshot.data.episodes import MetaBatchStream
+def meta_gradients(last_ckpt: Path, processes: int) -> tuple[list, list, list]:
+    """For the first meta-iteration of a run of `processes` processes: (the meta-gradient its
+    optimiser was given, one process's over the whole meta-batch, the first process's share
+    alone). After one Adam step, exp_avg = (1 - beta1) * the meta-gradient."""
+    from fewshot.data.episodes import MetaBatchStream, share
     from fewshot.methods import plain_backward
     from fewshot.training.build import build_datamodule, build_module
 
@@ -159,33 +159,31 @@ def meta_gradients(last_ckpt: Path, tasks_per_rank: int) -> tuple[list, list, li
     (state,) = last["optimizer_states"]
     (group,) = state["param_groups"]
     beta1 = group["betas"][0]
-    ddp_grads = [state["state"][i]["exp_avg"] / (1 - beta1) for i in group["params"]]
+    run_grads = [state["state"][i]["exp_avg"] / (1 - beta1) for i in group["params"]]
 
     cfg = OmegaConf.create(last["fewshot_config"])
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # as train.py: the same init
     module = build_module(cfg)
     datamodule = build_datamodule(cfg)
     datamodule.setup()
+    tasks = cfg.algo.meta_batch_size
 
-    def grads_over(ranks: list[int]) -> list[torch.Tensor]:
-        tasks = [
-            MetaBatchStream(
-                datamodule.splits["train"],
-                cfg.way,
-                cfg.shot,
-                cfg.query,
-                tasks_per_rank,
-                cfg.seed,
-                rank=r,
-            ).batch(0)
-            for r in ranks
-        ]
-        batch = module.on_after_batch_transfer(Episodes(*map(torch.cat, zip(*tasks))), 0)
+    def grads_over(tasks_drawn: range | None) -> list[torch.Tensor]:
+        stream = MetaBatchStream(
+            datamodule.splits["train"],
+            cfg.way,
+            cfg.shot,
+            cfg.query,
+            tasks,
+            cfg.seed,
+            share=tasks_drawn,
+        )
+        batch = module.on_after_batch_transfer(stream.batch(0), 0)
         module.zero_grad()
         run_tasks(module.tasks, batch, training=True, backward=plain_backward)
         return [p.grad.clone() for p in module.learner.parameters()]
 
-    return ddp_grads, grads_over([0, 1]), grads_over([0])
+    return run_grads, grads_over(None), grads_over(share(tasks, 0, processes))
 
 
 def labelled_classes(num_classes: int = 12, per_class: int = 20) -> ClassImages:

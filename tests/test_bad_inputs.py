@@ -275,3 +275,12 @@ def test_an_experiment_file_that_is_not_yaml_is_one_line_naming_its_line(tmp_pat
         f"error: {broken}, line 3, column 5 is not valid YAML: expected ',' or ']', but got ':' "
         "(while parsing a flow sequence)"
     ]
+
+
+def test_a_user_error_raised_in_one_of_a_runs_processes_is_still_one_line():
+    # torch's launcher passes a child's error on as its traceback's text alone.
+    child = "Traceback (most recent call last):\n  ...\nfewshot.errors.TrainingDiverged: diverged at step 2\n"
+    passed_on = torch.multiprocessing.ProcessRaisedException(child, 0, 4242)
+    assert repr(errors.user_error(passed_on)) == repr(errors.TrainingDiverged("diverged at step 2"))
+    crash = torch.multiprocessing.ProcessRaisedException(child.replace("fewshot.errors.", ""), 0, 1)
+    assert errors.user_error(crash) is None  # not one of fewshot's: a crash, traceback kept

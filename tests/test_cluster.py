@@ -4,6 +4,7 @@ launcher settings refused before anything is submitted."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -69,15 +70,19 @@ def test_parallel_launcher_runs_each_job_on_its_own_share_of_the_cpus(quick_over
     _, _, rows = sweep_summary(tmp_path)
     assert [r.status for r in rows] == ["completed", "completed"], proc.stderr[-2000:]
     logs = [(tmp_path / r.name / "train.log").read_text() for r in rows]
-    cores = len(os.sched_getaffinity(0))
-    threads = max(1, cores // 2)
     assert sorted(f"slot {k} of 2" in log for log in logs for k in (0, 1)) == [
         False,
         False,
         True,
         True,
     ]
-    assert all(f"job on {threads} CPU threads" in log for log in logs)
+    # Each on CPUs of its own, the default then running a process per core of its share.
+    shares = [set(re.search(r"job on CPUs ([\d,]+)", log)[1].split(",")) for log in logs]
+    assert not shares[0] & shares[1]
+    cpus = len(os.sched_getaffinity(0))
+    assert sorted(map(len, shares)) == sorted([cpus // 2, cpus - cpus // 2])
+    if cpus == 2:
+        assert all("one process on 1 CPU thread" in log for log in logs)
 
 
 def test_a_2x2_sweep_on_slurm_lists_every_job_and_pools_the_seeds(

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from fewshot.config import check_config
 from fewshot.errors import ConfigError
 from fewshot.training import threads
-from fewshot.training.build import set_threads
-from fewshot.training.threads import auto_threads, physical_cores
+from fewshot.training.build import process_settings, set_threads
+from fewshot.training.threads import physical_cores
 from tests.helpers import REPO, compose_train, run_script
 
 
@@ -79,15 +79,47 @@ def test_the_quickstart_preset_composes_with_the_papers_test_protocol():
     assert cfg.test_after_training and evaluate.episodes == 600
 
 
-@pytest.mark.parametrize("cores", [1, 2, 16])
-def test_auto_threads_is_one_per_physical_core(cores):
-    assert auto_threads(cores) == cores
+def settled(monkeypatch, cores: int, cuda: bool = False, slurm_cpus: str | None = None, *args):
+    """The trainer options train.py gives the default config (and `args`) on a machine of
+    `cores` usable physical cores."""
+    monkeypatch.setattr(threads, "physical_cores", lambda: cores)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    if slurm_cpus is None:
+        monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_CPUS_PER_TASK", slurm_cpus)
+    cfg = compose_train("algo.meta_batch_size=4", *args)
+    return process_settings(cfg, OmegaConf.to_container(cfg.trainer))
 
 
-def test_auto_threads_follow_omp_num_threads_where_it_is_set(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
+@pytest.mark.parametrize("cores, processes", [(2, 2), (3, 3), (16, 4)])  # 4: the meta-batch
+def test_the_default_on_cpu_cores_is_a_process_per_core_with_one_thread(
+    monkeypatch, cores, processes
+):
+    options = settled(monkeypatch, cores)
+    assert (options["devices"], options["strategy"], options["accelerator"]) == (
+        processes,
+        "ddp_fork",
+        "cpu",
+    )
     assert set_threads("auto") == 1
+
+
+@pytest.mark.parametrize(
+    "cores, cuda, slurm_cpus, args",
+    [
+        (1, False, None, ()),  # nothing to share
+        (8, True, None, ()),  # a GPU: one process on it
+        (8, False, "1", ()),  # SLURM gave the job one CPU
+        (8, False, None, ("threads=4",)),  # a thread count asked for: one process
+        (8, False, None, ("trainer.devices=1",)),
+    ],
+    ids=["one-core", "gpu", "slurm-one-cpu", "threads", "devices"],
+)
+def test_the_default_is_one_process_where_sharing_cannot_pay_or_was_not_asked_for(
+    monkeypatch, cores, cuda, slurm_cpus, args
+):
+    assert settled(monkeypatch, cores, cuda, slurm_cpus, *args)["devices"] == 1
 
 
 SYS_CPU = "/sys/devices/system/cpu"

@@ -82,13 +82,13 @@ def run_small(
     def build():
         pl.seed_everything(0, verbose=False)
         module = small_module(name, batching, compiled, **settings)
-        log = module._log_results
+        log = module._log
 
-        def recording(stage, results):  # the logged values, as the run computed them
-            recorded[stage].append(torch.stack([results.loss, results.accuracy.mean()]).float())
-            log(stage, results)
+        def recording(stage, loss, acc, step_acc, tasks):  # the logged values, as computed
+            recorded[stage].append(torch.stack([loss, acc]).float())
+            log(stage, loss, acc, step_acc, tasks)
 
-        module._log_results = recording
+        module._log = recording
         return module
 
     datamodule = small_datamodule(on_device)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fewshot.training.threads import usable_cores
 from tests.helpers import (
     checkpoint_step,
     logged_past_checkpoint,
@@ -50,7 +51,23 @@ MAMLPP = [
 ]
 
 
-@pytest.mark.parametrize("algo", [[], MAMLPP], ids=["maml", "mamlpp"])
+# The default on several cores: processes sharing each meta-batch (3 tasks: unevenly), which
+# end with the killed run rather than train on.
+SHARED = ["threads=auto", "algo.meta_batch_size=3"]
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        [],
+        MAMLPP,
+        pytest.param(
+            SHARED,
+            marks=pytest.mark.skipif(usable_cores() < 2, reason="one core: one process"),
+        ),
+    ],
+    ids=["maml", "mamlpp", "maml-processes"],
+)
 def test_a_killed_run_resumes_in_its_own_directory_as_if_never_stopped(
     algo, quick_overrides, tmp_path
 ):

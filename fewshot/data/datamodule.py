@@ -19,6 +19,7 @@ from fewshot.data.episodes import (
     FixedEpisodes,
     MetaBatchStream,
     gather_episodes,
+    share,
     stack_indices,
     stack_tasks,
 )
@@ -91,8 +92,10 @@ class EpisodeDataModule(pl.LightningDataModule):
         val_episodes: int,
         test_episodes: int,
         seed: int,
+        test_share: range | None = None,
     ) -> None:
         super().__init__()
+        self.test_share = test_share  # the test episodes this process scores (None: its share)
         self.data, self.way, self.shot, self.query = data, way, shot, query
         self.meta_batch_size, self.seed = meta_batch_size, seed
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
@@ -137,6 +140,13 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.device_images[batch.split] = images
         return gather_episodes(images, batch)
 
+    def _share(self, count: int) -> range:
+        """This process's share of `count` tasks or episodes (all where it runs alone)."""
+        trainer = self.trainer
+        if trainer and trainer.testing and self.test_share is not None:
+            return self.test_share
+        return share(count, trainer.global_rank, trainer.world_size) if trainer else range(count)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         stream = MetaBatchStream(
@@ -144,12 +154,11 @@ class EpisodeDataModule(pl.LightningDataModule):
             self.way,
             self.shot,
             self.query,
-            # Under DDP each rank meta-trains on its share of the tasks, its own ones (by rank).
-            self.meta_batch_size // (trainer.world_size if trainer else 1),
+            self.meta_batch_size,
             self.seed,
             # A resumed run continues the stream where it stopped.
             start=trainer.global_step if trainer else 0,
-            rank=trainer.global_rank if trainer else 0,
+            share=self._share(self.meta_batch_size),
             indices_only=self._indices_only(),
         )
         return DataLoader(stream, batch_size=None, num_workers=self.data.workers)
@@ -165,6 +174,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             count,
             self.seed,
             indices_only=indices_only,
+            # Contiguous shares, none repeated (Lightning's distributed sampler would pad them).
+            share=self._share(count),
         )
         collate = stack_indices if indices_only else stack_tasks
         return DataLoader(episodes, batch_size=self.meta_batch_size, collate_fn=collate)

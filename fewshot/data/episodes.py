@@ -101,8 +101,18 @@ def stack_indices(tasks: list[EpisodeIndices]) -> EpisodeIndices:
     return EpisodeIndices(split[0], *(torch.stack(field) for field in fields))
 
 
+def share(count: int, rank: int, world_size: int) -> range:
+    """Process `rank`'s contiguous share of `count` items split over `world_size` processes:
+    shares differ by one at most where `count` does not divide, and together they are
+    range(count) in order."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
 class MetaBatchStream(IterableDataset):
-    """Endless meta-training batches; batch `step` depends only on (seed, step, rank)."""
+    """Endless meta-training batches of `tasks` tasks; batch `step` depends only on (seed,
+    step). `share`: the tasks of each batch this process trains on (all of them by default)
+    when several processes split the meta-batch, so that together they train on the very
+    tasks one process would."""
 
     def __init__(
         self,
@@ -113,21 +123,24 @@ class MetaBatchStream(IterableDataset):
         tasks: int,
         seed: int,
         start: int = 0,
-        rank: int = 0,
+        share: range | None = None,
         indices_only: bool = False,
     ) -> None:
         self.classes, self.way, self.shot, self.query = classes, way, shot, query
-        self.tasks, self.seed, self.start, self.rank = tasks, seed, start, rank
+        self.tasks, self.seed, self.start = tasks, seed, start
+        self.share = range(tasks) if share is None else share
         self.indices_only = indices_only  # yield EpisodeIndices, gathered on the device
 
     def indices(self, step: int) -> EpisodeIndices:
-        g = episode_generator(self.seed, "train", self.rank, step)
-        return stack_indices(
-            [
-                sample_indices(self.classes, "train", self.way, self.shot, self.query, g)
-                for _ in range(self.tasks)
-            ]
-        )
+        # Every task of the batch is drawn (indices only: cheap), so that a share's tasks are
+        # those one process draws; the trailing 0 keeps the stream of the versions that drew
+        # one stream per DDP rank, rank 0's being the one-process stream.
+        g = episode_generator(self.seed, "train", 0, step)
+        tasks = [
+            sample_indices(self.classes, "train", self.way, self.shot, self.query, g)
+            for _ in range(self.share.stop)
+        ]
+        return stack_indices(tasks[self.share.start :])
 
     def batch(self, step: int) -> Episodes:
         return gather_episodes(self.classes.images.flatten(0, 1), self.indices(step))
@@ -144,7 +157,9 @@ class MetaBatchStream(IterableDataset):
 
 
 class FixedEpisodes(Dataset):
-    """`count` episodes for validation or test; episode i is a function of (seed, split, i)."""
+    """`count` episodes for validation or test; episode i is a function of (seed, split, way,
+    shot, query, i). `share`: the ids this process scores when several split them (all by
+    default); item j is then episode share[j]."""
 
     def __init__(
         self,
@@ -156,18 +171,21 @@ class FixedEpisodes(Dataset):
         count: int,
         seed: int,
         indices_only: bool = False,
+        share: range | None = None,
     ) -> None:
         self.classes, self.split, self.way, self.shot, self.query = classes, split, way, shot, query
         self.count, self.seed = count, seed
+        self.ids = range(count) if share is None else share
         self.indices_only = indices_only  # yield EpisodeIndices, gathered on the device
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.ids)
 
     def __getitem__(self, index: int) -> Episodes | EpisodeIndices:
-        if not 0 <= index < self.count:
+        if not 0 <= index < len(self.ids):
             raise IndexError(index)
-        g = episode_generator(self.seed, self.split, self.way, self.shot, self.query, index)
+        episode = self.ids[index]
+        g = episode_generator(self.seed, self.split, self.way, self.shot, self.query, episode)
         indices = sample_indices(self.classes, self.split, self.way, self.shot, self.query, g)
         if self.indices_only:
             return indices

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +24,18 @@ from fewshot.config import (
     component_class,
     int_at_least,
 )
+from fewshot.data.episodes import share
 from fewshot.errors import ConfigError
 from fewshot.experiments.runs import best_val_acc, eval_result_path, task_suffix
 from fewshot.files import unwritable, write_json
 from fewshot.methods.maml import MAML
 from fewshot.methods.metalstm import MetaLSTM
-from fewshot.training.build import build_datamodule, build_module, set_threads
-from fewshot.training.console import EpisodeProgress
+from fewshot.training.build import build_datamodule, build_module, on_cpu, set_threads
+from fewshot.training.console import EpisodeCountdown, EpisodeProgress, quiet_lightning
 from fewshot.training.module import EpisodicModule
+from fewshot.training.threads import AUTO, auto_processes
+
+log = logging.getLogger(__name__)
 
 
 def mean_ci95(accuracies: Tensor) -> tuple[float, float]:
@@ -184,6 +191,80 @@ def restored_module(
     return module
 
 
+def scored_episodes(
+    cfg: DictConfig,
+    checkpoint: Mapping[str, Any],
+    ckpt: str | Path,
+    count: int,
+    threads: int | str | None,
+    progress: str | None,
+) -> Tensor:
+    """The accuracy of each of the first `count` fixed test episodes [count], in episode order.
+
+    With `threads: auto` on the CPU, processes (one per usable core, one thread each) score
+    contiguous shares of the episodes, this one the first: each episode is a function of its id
+    alone, so the accuracies are those one process would get."""
+    processes = auto_processes(threads, on_cpu(str(cfg.trainer.accelerator)), count)
+    shares = [share(count, rank, processes) for rank in range(processes)]
+    if processes == 1:
+        set_threads(threads)
+        return share_accuracies(cfg, checkpoint, ckpt, shares[0], progress)
+    log.info("scoring %d test episodes in %d processes", count, processes)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # Forked where it can be: a spawned process imports torch and Lightning again, seconds
+    # before its first episode. Safe here: this process has used one torch thread (an OpenMP
+    # pool of several does not survive a fork) and no CUDA.
+    set_threads(threads)
+    fork = sys.platform.startswith("linux")
+    context = torch.multiprocessing.get_context("fork" if fork else "spawn")
+    with ProcessPoolExecutor(processes - 1, mp_context=context) as pool:
+        others = [pool.submit(scored_share, config, str(ckpt), ids) for ids in shares[1:]]
+        note = f"the first share of {processes} processes, scored at once"
+        mine = share_accuracies(cfg, checkpoint, ckpt, shares[0], progress, note)
+        return torch.cat([mine, *(future.result() for future in others)])
+
+
+def scored_share(config: dict[str, Any], ckpt: str, ids: range) -> Tensor:
+    """share_accuracies in a process of scored_episodes' pool: `config` is the evaluation's,
+    checked; the weights are read from `ckpt` again, as data."""
+    quiet_lightning()
+    set_threads(AUTO)
+    _, checkpoint = load_checkpoint(ckpt)
+    return share_accuracies(OmegaConf.create(config), checkpoint, ckpt, ids, None, None)
+
+
+def share_accuracies(
+    cfg: DictConfig,
+    checkpoint: Mapping[str, Any],
+    ckpt: str | Path,
+    ids: range,
+    progress: str | None,
+    countdown: str | None = "",
+) -> Tensor:
+    """The accuracy of each test episode of `ids` [len(ids)], scored in this process; with
+    `progress`, a bar on a terminal; unless `countdown` is None, the time it will take in the
+    log (EpisodeCountdown; `countdown`: whose share `ids` is)."""
+    module = restored_module(cfg, checkpoint, ckpt)
+    datamodule = build_datamodule(cfg, test_episodes=ids.stop, test_share=ids)
+    datamodule.setup()
+    trainer = pl.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        inference_mode=False,
+        enable_progress_bar=False,  # Lightning's counts batches; EpisodeProgress counts episodes
+        enable_model_summary=False,
+        precision=precision(cfg),
+        callbacks=[
+            *([EpisodeProgress(progress)] if progress else []),
+            *([EpisodeCountdown(countdown)] if countdown is not None else []),
+        ],
+    )
+    trainer.test(module, datamodule, verbose=False)
+    return torch.cat(module.test_accuracies)
+
+
 def evaluate_prefixes(
     ckpt: str | Path,
     counts: Sequence[int],
@@ -227,23 +308,7 @@ def evaluate_prefixes(
         check_value("episodes", n, int_at_least(2))
     if before_scoring is not None:
         before_scoring(cfg, stored)
-    set_threads(threads)
-    module = restored_module(cfg, checkpoint, ckpt)
-    datamodule = build_datamodule(cfg, test_episodes=max(counts))
-    datamodule.setup()
-    trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        inference_mode=False,
-        enable_progress_bar=False,  # Lightning's counts batches; EpisodeProgress counts episodes
-        enable_model_summary=False,
-        precision=precision(cfg),
-        callbacks=[EpisodeProgress(progress)] if progress else [],
-    )
-    trainer.test(module, datamodule, verbose=False)
-    accuracies = torch.cat(module.test_accuracies)  # [max(counts)], in episode order
+    accuracies = scored_episodes(cfg, checkpoint, ckpt, max(counts), threads, progress)
     results = []
     for n in counts:
         mean, ci95 = mean_ci95(accuracies[:n])

@@ -15,7 +15,11 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from pytorch_lightning.plugins.environments import (
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 
 from fewshot.errors import ConfigError
 from fewshot.experiments.runs import Run, requeued
@@ -23,7 +27,11 @@ from fewshot.experiments.runs import Run, requeued
 log = logging.getLogger(__name__)
 
 PARALLEL_LAUNCHER = "hydra_plugins.fewshot_cluster.launchers.ParallelLauncher"
-SLOTS = ".slots"  # <sweep>/.slots/<i>: the lock a running job holds on device i
+SLOTS = ".slots"
+LOCAL_PROCESSES = (
+    "ddp_spawn",
+    "ddp_fork",
+)  # strategies that start a run's processes themselves  # <sweep>/.slots/<i>: the lock a running job holds on device i
 
 
 def parallel_jobs(n_jobs: int) -> int:
@@ -71,11 +79,8 @@ def claimed_slot(folder: Path, slots: int) -> Iterator[int]:
 @contextmanager
 def job_device(cfg: DictConfig, hydra_cfg: Any) -> Iterator[None]:
     """Under hydra/launcher=parallel, give the job a device of its own for the block: GPU i, or
-    1/n of the CPU cores as `threads` (unless set). In a SLURM job, `threads` defaults to the CPUs
-    SLURM gave the task, not every core of the node. `cfg` is changed in place."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cfg.threads in (None, "auto") and cpus:
-        cfg.threads = int(cpus)
+    1/n of the CPUs this process may use (its affinity narrowed to them: `threads: auto` then
+    counts its cores, fewshot.training.threads.usable_cores). `cfg` is changed in place."""
     if hydra_cfg.launcher.get("_target_") != PARALLEL_LAUNCHER:
         yield
         return
@@ -95,9 +100,18 @@ def job_device(cfg: DictConfig, hydra_cfg: Any) -> Iterator[None]:
                 )
             cfg.trainer.devices = [slot]
             log.info("job on GPU %d (slot %d of %d)", slot, slot, jobs)
-        elif cfg.threads in (None, "auto"):
-            cfg.threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-            log.info("job on %d CPU threads (slot %d of %d)", cfg.threads, slot, jobs)
+        else:
+            before = os.sched_getaffinity(0)
+            cpus = sorted(before)
+            mine = cpus[len(cpus) * slot // jobs : len(cpus) * (slot + 1) // jobs] or cpus
+            # Its own CPUs: threads=auto then runs a process on each of its cores.
+            os.sched_setaffinity(0, mine)
+            log.info("job on CPUs %s (slot %d of %d)", ",".join(map(str, mine)), slot, jobs)
+            try:
+                yield
+            finally:  # joblib's worker runs the next job: with all the CPUs it had
+                os.sched_setaffinity(0, before)
+            return
         yield
 
 
@@ -131,14 +145,18 @@ def cluster_trainer_settings(options: dict[str, Any]) -> tuple[dict[str, Any], l
     Under SLURM, the launcher requeues (submitit, on its own signal): Lightning's SLURM
     environment keeps reading ranks from SLURM but does not install its SIGUSR1 handler, which
     would requeue the job a second time and save checkpoints of its own. Where srun or torchrun
-    started one process per device, `ddp_spawn` (trainer=ddp) would spawn more in each: use `ddp`,
-    which joins the processes that exist.
+    started one process per device, `ddp_spawn` (trainer=ddp) or `ddp_fork` (threads=auto on
+    CPUs) would start more in each: use `ddp`, which joins the processes that exist. In a
+    one-task SLURM job the run starts its processes itself, and numbers them.
     """
     plugins: list[Any] = []
     external = TorchElasticEnvironment.detect()
     if SLURMEnvironment.detect():
-        plugins.append(SLURMEnvironment(auto_requeue=False))
         external = external or int(os.environ.get("SLURM_NTASKS", 1)) > 1
-    if external and options.get("strategy") == "ddp_spawn":
+        if external or options.get("strategy") not in LOCAL_PROCESSES:
+            plugins.append(SLURMEnvironment(auto_requeue=False))
+        else:  # one SLURM task that starts its own processes on its CPUs: ranks are ours
+            plugins.append(LightningEnvironment())
+    if external and options.get("strategy") in LOCAL_PROCESSES:
         options = {**options, "strategy": "ddp"}
     return options, plugins

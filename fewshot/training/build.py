@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -18,11 +21,11 @@ from fewshot.errors import ConfigError, instantiate
 from fewshot.experiments.cluster import cluster_trainer_settings
 from fewshot.methods import Learner, run_tasks, task_scorer
 from fewshot.models.functional import FunctionalBackbone
-from fewshot.training.console import progress_bars
+from fewshot.training.console import EpisodeCountdown, progress_bars
 from fewshot.training.dashboards import TensorBoardViews
 from fewshot.training.divergence import StopOnNonFinite, divergence_hint
 from fewshot.training.module import EpisodicModule
-from fewshot.training.threads import AUTO, auto_threads
+from fewshot.training.threads import AUTO, auto_processes, thread_count
 
 
 def build_learner(cfg: DictConfig) -> Learner:
@@ -46,10 +49,13 @@ def build_module(cfg: DictConfig) -> EpisodicModule:
         cfg.algo.get("grad_clip"),
         resolved_config(cfg),
         meta_lr_schedule(cfg.algo.get("meta_lr_schedule")),
+        cfg.algo.meta_batch_size,
     )
 
 
-def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataModule:
+def build_datamodule(
+    cfg: DictConfig, test_episodes: int = 600, test_share: range | None = None
+) -> EpisodeDataModule:
     return EpisodeDataModule(
         cfg.data,
         cfg.way,
@@ -59,18 +65,37 @@ def build_datamodule(cfg: DictConfig, test_episodes: int = 600) -> EpisodeDataMo
         cfg.val_episodes,
         test_episodes,
         cfg.seed,
+        test_share,
     )
 
 
 def set_threads(threads: int | str | None) -> int:
-    """Set torch's CPU threads: a number, `auto` (fewshot.training.threads.auto_threads, or the count
-    OMP_NUM_THREADS asks for where it is set) or None (torch's own default); return the number
-    torch uses."""
-    if threads == AUTO:
-        threads = None if os.environ.get("OMP_NUM_THREADS") else auto_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    """Set torch's CPU threads for `threads` (fewshot.training.threads.thread_count: a number;
+    auto, one per process; None, torch's own default); return the number torch uses."""
+    count = thread_count(threads)
+    if count is not None:
+        torch.set_num_threads(count)
     return torch.get_num_threads()
+
+
+def on_cpu(accelerator: str) -> bool:
+    """Whether a Trainer given `accelerator` runs on the CPU."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def process_settings(cfg: DictConfig, options: dict) -> dict:
+    """`trainer.devices: auto` (the default) resolved: on a GPU one process; on the CPU with
+    `threads: auto`, one per usable core (auto_processes), which split each meta-batch and the
+    validation episodes (DDP over gloo, forked: they share the loaded images). Explicit
+    devices, a strategy of the user's, or an explicit thread count are left as given."""
+    if options.get("devices") != AUTO or options.get("strategy", AUTO) != AUTO:
+        return options
+    cpu = on_cpu(str(options.get("accelerator", AUTO)))
+    tasks = min(cfg.algo.meta_batch_size, cfg.val_episodes)
+    processes = auto_processes(cfg.threads, cpu, tasks)
+    if processes == 1:
+        return {**options, "devices": 1}
+    return {**options, "accelerator": "cpu", "devices": processes, "strategy": "ddp_fork"}
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> pl.Trainer:
@@ -79,9 +104,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
     `resume_step`: the step of the checkpoint a run resumes from. TensorBoard then drops the
     events the interrupted run logged after it, which the resumed run logs again.
     """
-    options, cluster_plugins = cluster_trainer_settings(
-        OmegaConf.to_container(cfg.trainer, resolve=True)
-    )
+    options = process_settings(cfg, OmegaConf.to_container(cfg.trainer, resolve=True))
+    options, cluster_plugins = cluster_trainer_settings(options)
     logger = TensorBoardLogger(
         run_dir, name="tensorboard", version="", default_hp_metric=False, purge_step=resume_step
     )
@@ -93,6 +117,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
             StopOnNonFinite(divergence_hint(cfg.algo)),
             TensorBoardViews(),
             FirstEpisodeCheck(),
+            EpisodeCountdown(),
+            EndWithTheRun(),
             *progress_bars(options.get("enable_progress_bar", True)),
         ],
         plugins=[AtomicCheckpointIO(), *cluster_plugins],
@@ -104,9 +130,32 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None
         # Lightning's sanity check scores two meta-batches of validation episodes, minutes on a
         # CPU; FirstEpisodeCheck scores one episode instead.
         num_sanity_val_steps=0,
+        # Processes take contiguous shares of the tasks and episodes (EpisodeDataModule):
+        # Lightning's sampler would deal them out and pad uneven shares with repeats.
+        use_distributed_sampler=False,
     )
     check_world_size(cfg, trainer.world_size)
     return trainer
+
+
+class EndWithTheRun(pl.Callback):
+    """In the processes a run starts itself to share its tasks (threads=auto on CPUs): end with
+    the process that started them. Killed (SIGKILL, the OOM killer), it could not stop them,
+    and they would train on, writing checkpoints into a run that is to be resumed."""
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()  # made before the processes start: the run's own
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if os.getpid() == self.parent or not sys.platform.startswith("linux"):
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self.parent:  # it died before the line above
+            os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 
 
 class FirstEpisodeCheck(pl.Callback):
@@ -130,14 +179,15 @@ class FirstEpisodeCheck(pl.Callback):
 
 
 def check_world_size(cfg: DictConfig, world_size: int) -> None:
-    """Raise ConfigError unless the meta-batch and the validation episodes split evenly over
-    the DDP processes (uneven shares would weight tasks unequally or repeat episodes)."""
+    """Raise ConfigError where a DDP process would get no task of a meta-batch or no
+    validation episode. Uneven shares are fine: each process weighs its tasks' loss by their
+    number, and the episodes' sums are added, so the values are one process's."""
     for key, count in (
         ("algo.meta_batch_size", cfg.algo.meta_batch_size),
         ("val_episodes", cfg.val_episodes),
     ):
-        if count % world_size:
+        if count < world_size:
             raise ConfigError(
-                f"{key}={count} does not split over {world_size} DDP processes "
-                f"(trainer.devices x trainer.num_nodes): make it a multiple of {world_size}"
+                f"{key}={count} leaves some of the {world_size} DDP processes (trainer.devices "
+                f"x trainer.num_nodes) without any: make it at least {world_size}"
             )

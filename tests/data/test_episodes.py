@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fewshot.data.episodes import FixedEpisodes, MetaBatchStream
+from fewshot.data.episodes import FixedEpisodes, MetaBatchStream, share
 from tests.helpers import labelled_classes
 
 
@@ -77,7 +77,23 @@ def test_loader_workers_keep_the_single_process_order(classes):
     assert all(torch.equal(x, y) for x, y in zip(single, multi))
 
 
-def test_ranks_draw_different_tasks(classes):
-    rank0 = MetaBatchStream(classes, 5, 1, 5, tasks=2, seed=0, rank=0).batch(0)
-    rank1 = MetaBatchStream(classes, 5, 1, 5, tasks=2, seed=0, rank=1).batch(0)
-    assert not torch.equal(rank0.query_x, rank1.query_x)
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_sharing_a_meta_batch_train_on_the_one_process_tasks(classes, processes):
+    tasks = 5  # uneven over 2 and 3 processes
+    whole = MetaBatchStream(classes, 5, 1, 5, tasks=tasks, seed=0).batch(7)
+    shares = [
+        MetaBatchStream(classes, 5, 1, 5, tasks, seed=0, share=share(tasks, r, processes)).batch(7)
+        for r in range(processes)
+    ]
+    assert sorted(len(s.query_x) for s in shares) == sorted(
+        len(share(tasks, r, processes)) for r in range(processes)
+    )
+    assert torch.equal(torch.cat([s.query_x for s in shares]), whole.query_x)
+
+
+def test_processes_sharing_fixed_episodes_score_each_once_in_order(classes):
+    whole = FixedEpisodes(classes, "test", 5, 1, 5, count=7, seed=0)
+    shares = [FixedEpisodes(classes, "test", 5, 1, 5, 7, 0, share=share(7, r, 3)) for r in range(3)]
+    assert [len(s) for s in shares] == [2, 2, 3]
+    scored = [e.query_x for s in shares for e in s]
+    assert all(torch.equal(a, b.query_x) for a, b in zip(scored, whole, strict=True))
