@@ -29,12 +29,21 @@ from fewshot.training.module import OUTER_LOOP_KEYS, OUTER_LOOP_SETTINGS
 
 log = logging.getLogger(__name__)
 
+
+def or_null(rule: Rule) -> Rule:
+    """`rule`, or null."""
+    test, allowed = rule
+    return (lambda v: v is None or test(v)), f"null or {allowed}"
+
+
 # The run's own keys, which no component owns: train.py's composition reads them. A key absent
 # from the config is skipped.
 RULES: dict[str, Rule] = {
     "way": int_at_least(2),
     "shot": int_at_least(1),
     "query": int_at_least(1),
+    "train_way": or_null(int_at_least(2)),
+    "train_query": or_null(int_at_least(1)),
     "val_episodes": int_at_least(2),
     "test_after_training": BOOLEAN,
     # Lightning's names. 16-mixed is left out: its loss scaling is untested with the per-task
@@ -155,6 +164,7 @@ def check_config(cfg: DictConfig) -> None:
                 f"{key}={value} is not below trainer.max_steps={cfg.trainer.max_steps}: {what}; "
                 f"lower {key} (0 turns it off)"
             )
+    check_training_task(cfg)
     check_fits = getattr(component_class(cfg, "backbone"), "check_fits", None)
     if check_fits is not None:
         check_fits(cfg.backbone, cfg.data.image_size)
@@ -163,6 +173,33 @@ def check_config(cfg: DictConfig) -> None:
         schedule_class(OmegaConf.to_container(schedule, resolve=True))
     if _select(cfg, "trainer.precision") == "bf16-mixed":
         warn_if_bf16_is_emulated(cfg.trainer.get("accelerator", "auto"))
+
+
+def scores_any_way(cfg: DictConfig) -> bool:
+    """Whether the learner `cfg` names has no weight sized by the way (a metric method: its
+    class `any_way`), so that it trains at `train_way` and scores tasks of any way."""
+    return getattr(component_class(cfg, "algo"), "any_way", False)
+
+
+def training_task(cfg: DictConfig) -> tuple[int, int]:
+    """The way and query of the meta-training tasks: train_way and train_query, or where null
+    (or absent, in runs from before them) the test's way and query."""
+    way = OmegaConf.select(cfg, "train_way", default=None)
+    query = OmegaConf.select(cfg, "train_query", default=None)
+    return (cfg.way if way is None else way), (cfg.query if query is None else query)
+
+
+def check_training_task(cfg: DictConfig) -> None:
+    """Raise ConfigError for a train_way other than way where the learner's head is sized by
+    the way: it trains and tests at that one way."""
+    train_way = OmegaConf.select(cfg, "train_way", default=None)
+    if train_way is None or train_way == cfg.way or scores_any_way(cfg):
+        return
+    raise ConfigError(
+        f"train_way={train_way} cannot train algo={cfg.algo.name}, whose head is sized by "
+        f"way={cfg.way} (backbone.num_classes): it trains and tests at one way; leave "
+        "train_way null (a metric method such as algo=protonet trains at another way)"
+    )
 
 
 def check_declared_keys(cfg: DictConfig, declared: DictConfig, script: str) -> None:
@@ -249,11 +286,12 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return config
 
 
-def learner_from(algo: DictConfig, backbone: FunctionalBackbone) -> Learner:
-    """The learner `algo._target_` names, given every `algo` key but the outer loop's."""
+def learner_from(algo: DictConfig, backbone: FunctionalBackbone, **task: int) -> Learner:
+    """The learner `algo._target_` names, given every `algo` key but the outer loop's, and
+    `task` (a learner that scores any way: its tasks' `way` and `train_way`)."""
     arguments = {k: v for k, v in algo.items() if k not in OUTER_LOOP_KEYS}
     try:
-        return instantiate(arguments, backbone=backbone, _convert_="all")
+        return instantiate(arguments, backbone=backbone, **task, _convert_="all")
     except InstantiationException as err:
         cause = err.__cause__
         unknown = re.search(r"unexpected keyword argument '(\w+)'", str(cause))

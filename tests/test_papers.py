@@ -22,7 +22,7 @@ def test_each_setting_has_one_number_and_each_number_its_form():
     assert len(TABLE) == count  # no setting reported twice
     algorithms = {p.stem for p in (CONF / "algo").glob("*.yaml")}
     datasets = {name for module in registry.LOADERS for name in module.TITLES}
-    for (algorithm, _, dataset, way, shot), (paper, result) in TABLE.items():
+    for (algorithm, _, dataset, way, shot, _backbone), (paper, result) in TABLE.items():
         assert algorithm in algorithms and dataset in datasets, paper.title
         assert way >= 2 and shot >= 1 and ACCURACY.match(result.accuracy), (paper.title, result)
     assert len({paper.reference for paper in PAPERS}) == len(PAPERS)
@@ -31,7 +31,14 @@ def test_each_setting_has_one_number_and_each_number_its_form():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_presets_comment_names_the_tables_number_for_its_setting(preset):
     cfg = compose_train(f"experiment={preset}")
-    setting = key(cfg.algo.name, cfg.algo.get("first_order"), cfg.data.name, cfg.way, cfg.shot)
+    setting = key(
+        cfg.algo.name,
+        cfg.algo.get("first_order"),
+        cfg.data.name,
+        cfg.way,
+        cfg.shot,
+        cfg.backbone.name,
+    )
     comments = [
         line for line in (CONF / "experiment" / f"{preset}.yaml").read_text().splitlines()
         if line.lstrip().startswith("#")

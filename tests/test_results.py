@@ -64,14 +64,14 @@ def test_a_setting_the_paper_lacks_gets_a_row_of_its_own():
         [
             evaluation("maml", "omniglot", 10, 1, 0.97, 0.01),
             evaluation("maml", "miniimagenet", 5, 1, 0.47, 0.018, first_order=True),
-            evaluation("protonet", "omniglot", 5, 1, 0.98, 0.01),
+            evaluation("r2d2", "omniglot", 5, 1, 0.98, 0.01),
         ]
     )
     maml = table_rows(text, "MAML")
     assert maml[-1][:3] == ["Omniglot 10-way 1-shot", "—", "97.00 ± 1.00"]
     first_order = next(r for r in maml if r[0] == "Mini-ImageNet 5-way 1-shot (first order)")
     assert first_order[1:3] == ["48.07", "47.00 ± 1.80"]
-    assert table_rows(text, "protonet")[0][:3] == ["Omniglot 5-way 1-shot", "—", "98.00 ± 1.00"]
+    assert table_rows(text, "r2d2")[0][:3] == ["Omniglot 5-way 1-shot", "—", "98.00 ± 1.00"]
 
 
 def test_the_command_reads_json_files_and_refuses_other_files_in_one_line(tmp_path):

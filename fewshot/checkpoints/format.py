@@ -41,6 +41,7 @@ PAST_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
         "metasgd": ("fewshot.methods.metasgd.MetaSGD", "fewshot.learners.metasgd.MetaSGD"),
         "mamlpp": ("fewshot.methods.mamlpp.MAMLPlusPlus", "fewshot.learners.mamlpp.MAMLPlusPlus"),
         "metalstm": ("fewshot.methods.metalstm.MetaLSTM", "fewshot.learners.metalstm.MetaLSTM"),
+        "protonet": ("fewshot.methods.protonet.ProtoNet",),
     },
     "data": {
         "omniglot": ("fewshot.data.omniglot.omniglot",),
@@ -51,6 +52,7 @@ PAST_TARGETS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "backbone": {
         "conv4": ("fewshot.models.conv4.Conv4",),
+        "resnet12": ("fewshot.models.resnet12.ResNet12",),
     },
 }
 COMPONENTS = tuple(PAST_TARGETS)

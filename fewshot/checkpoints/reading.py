@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fewshot.checkpoints.format import current_state_dict, upgraded
+from fewshot.config import scores_any_way
 from fewshot.errors import ConfigError, DataError
 from fewshot.experiments.runs import Run
 
 log = logging.getLogger(__name__)
 
-# What fixes the shapes of a model's parameters: a checkpoint fits a config only if these match.
+# What fixes the shapes of a model's parameters: a checkpoint fits a config only if these match
+# (`way` but for a learner that scores any way: model_keys).
 MODEL_KEYS = ("algo.name", "way", "data.channels", "data.image_size", "backbone")
 # Settings a resumed run may change without notice (how it runs, not what it learns).
 OPERATIONAL_KEYS = ("ckpt_path", "trainer", "data.root", "data.cache_dir", "data.download")
@@ -164,12 +166,21 @@ def _differences(cfg: DictConfig, stored: DictConfig, keys: tuple[str, ...]) -> 
     ]
 
 
+def model_keys(cfg: DictConfig, stored: DictConfig) -> tuple[str, ...]:
+    """MODEL_KEYS, less `way` where both `cfg` and the checkpoint's `stored` config name a
+    learner that scores any way (ProtoNet: no weight of it is sized by the way)."""
+    if scores_any_way(cfg) and scores_any_way(stored):
+        return tuple(k for k in MODEL_KEYS if k != "way")
+    return MODEL_KEYS
+
+
 def check_checkpoint_fits(
     cfg: DictConfig, stored: DictConfig, key: str, path: str | Path, hint: str
 ) -> None:
     """Raise ConfigError if the model that `cfg` builds differs from the checkpoint's (way,
-    backbone, image size): caught here, the user gets the keys, not a state-dict size error."""
-    differences = _differences(cfg, stored, MODEL_KEYS)
+    backbone, image size): caught here, the user gets the keys, not a state-dict size error.
+    A learner that scores any way fits at any way."""
+    differences = _differences(cfg, stored, model_keys(cfg, stored))
     if differences:
         raise ConfigError(
             f"{key}={path} does not fit this config: {', '.join(differences)}; {hint}"
@@ -214,7 +225,7 @@ def check_resumable(cfg: DictConfig, module: nn.Module) -> int:
         hint = f"resume with the run's own settings (its overrides: {own or 'none'})"
     check_checkpoint_fits(cfg, stored, "ckpt_path", path, hint)
     check_state_fits(module, current_state_dict(checkpoint["state_dict"]), "ckpt_path", path)
-    skip = OPERATIONAL_KEYS + MODEL_KEYS
+    skip = OPERATIONAL_KEYS + model_keys(cfg, stored)
     keys = tuple(k for k in _leaves(cfg, tuple(cfg)) if not k.startswith(skip))
     changed = _differences(cfg, stored, keys)
     if changed:

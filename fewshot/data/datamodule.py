@@ -55,24 +55,36 @@ def _takes(target: object, argument: str) -> bool:
 
 
 def check_episode_fits(
-    num_classes: int, per_class: int, split: str, way: int, shot: int, query: int
+    num_classes: int,
+    per_class: int,
+    split: str,
+    way: int,
+    shot: int,
+    query: int,
+    keys: tuple[str, str] = ("way", "query"),
 ) -> None:
     """Raise ConfigError unless a split of `num_classes` classes of `per_class` images holds
-    `way` classes and `shot + query` images in each."""
+    `way` classes and `shot + query` images in each; `keys`: the config keys that set way and
+    query (meta-training's may be train_way and train_query)."""
+    way_key, query_key = keys
     if way > num_classes:
         raise ConfigError(
-            f"way={way} is out of range: expected 2..{num_classes} "
+            f"{way_key}={way} is out of range: expected 2..{num_classes} "
             f"(the meta-{split} split has {num_classes} classes)"
         )
     if shot + query > per_class:
         raise ConfigError(
-            f"shot + query = {shot} + {query} is out of range: expected at most "
-            f"{per_class}, the images per class of the meta-{split} split; lower shot or query"
+            f"shot + {query_key} = {shot} + {query} is out of range: expected at most "
+            f"{per_class}, the images per class of the meta-{split} split; lower shot or "
+            f"{query_key}"
         )
 
 
 class EpisodeDataModule(pl.LightningDataModule):
     """Meta-batches for training, fixed episodes for validation and test.
+
+    Meta-training's tasks are `train_way`-way with `train_query` query images per class (None:
+    `way` and `query`, the tasks validation and test draw).
 
     `settings`: the `data` keys every dataset has, and their ranges."""
 
@@ -93,10 +105,14 @@ class EpisodeDataModule(pl.LightningDataModule):
         test_episodes: int,
         seed: int,
         test_share: range | None = None,
+        train_way: int | None = None,
+        train_query: int | None = None,
     ) -> None:
         super().__init__()
         self.test_share = test_share  # the test episodes this process scores (None: its share)
         self.data, self.way, self.shot, self.query = data, way, shot, query
+        self.train_way = way if train_way is None else train_way
+        self.train_query = query if train_query is None else train_query
         self.meta_batch_size, self.seed = meta_batch_size, seed
         self.val_episodes, self.test_episodes = val_episodes, test_episodes
         self.splits: dict[str, ClassImages] | None = None
@@ -109,9 +125,19 @@ class EpisodeDataModule(pl.LightningDataModule):
             for split, classes in sorted(
                 self.splits.items(), key=lambda item: (item[1].num_classes, item[1].per_class)
             ):
+                way, query, keys = self.way, self.query, ("way", "query")
+                if split == "train":
+                    way, query, keys = self.train_way, self.train_query, self._training_keys()
                 check_episode_fits(
-                    classes.num_classes, classes.per_class, split, self.way, self.shot, self.query
+                    classes.num_classes, classes.per_class, split, way, self.shot, query, keys
                 )
+
+    def _training_keys(self) -> tuple[str, str]:
+        """The keys that set meta-training's way and query, for a message."""
+        return (
+            "train_way" if self.train_way != self.way else "way",
+            "train_query" if self.train_query != self.query else "query",
+        )
 
     def images_on_device(self, device: torch.device) -> bool:
         """Whether the episodes are gathered on `device` from images moved there once
@@ -151,9 +177,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         trainer = self.trainer
         stream = MetaBatchStream(
             self.splits["train"],
-            self.way,
+            self.train_way,
             self.shot,
-            self.query,
+            self.train_query,
             self.meta_batch_size,
             self.seed,
             # A resumed run continues the stream where it stopped.

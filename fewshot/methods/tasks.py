@@ -171,9 +171,9 @@ class GroupedTasks:
             )
         if not learner.lockstep:
             raise ConfigError(
-                f"algo.task_batching=grouped cannot run {type(learner).__name__}, whose tasks "
-                "cannot run in lockstep (its inner steps read each task's own loss or support "
-                "mini-batches): set algo.task_batching=loop"
+                f"algo.task_batching=grouped cannot run {type(learner).__name__}: its tasks "
+                "do not run in lockstep through grouped kernels (Learner.lockstep); set "
+                "algo.task_batching=loop (or vmap, where the learner takes it)"
             )
         self.learner = learner
         self.passes = GroupedPasses(learner.backbone)

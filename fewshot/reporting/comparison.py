@@ -15,6 +15,7 @@ from fewshot.errors import ConfigError, DataError, user_error
 from fewshot.evaluation.protocol import evaluate_prefixes, result_paths
 from fewshot.experiments.runs import Run, sweep_jobs
 from fewshot.files import unwritable, write_json
+from fewshot.reporting.paired import compared, paired_line, reference_index
 from fewshot.reporting.tables import (
     SEED,
     Row,
@@ -157,13 +158,14 @@ def write_evaluation_table(
         if r.results
     ]
     keys = list(dict.fromkeys(k for p in protocols for k in p))
-    shared = {
-        k: protocols[0][k] for k in keys if all(p.get(k) == protocols[0][k] for p in protocols)
-    }
+    # A key only some methods record (Meta-LSTM's inner_epochs beside MAML) is a column.
+    first = protocols[0] if protocols else {}
+    shared = {k: first[k] for k in keys if all(k in p and p[k] == first.get(k) for p in protocols)}
     protocol_columns = [k for k in keys if k not in shared]
     acc_columns = [f"test/acc % ({n} ep)" for n in counts]
+    paired = pairing(rows, counts)
     md_rows, csv_rows = [], []
-    for row in rows:
+    for i, row in enumerate(rows):
         cells = {
             "run": row.name,
             **row.overrides,
@@ -175,10 +177,12 @@ def write_evaluation_table(
         }
         md = {**cells, "val/acc %": row.val_acc_percent}
         md.update((column, row.test_acc(n)) for n, column in zip(counts, acc_columns))
+        md.update(paired.md[i] if paired else {})
         csv = {**cells, "checkpoint": row.checkpoint, "val/acc_best": row.val_acc}
         for n, result in row.results.items():
             csv[f"test/acc_{n}"] = result["test/acc"]
             csv[f"test/acc_ci95_{n}"] = result["test/acc_ci95"]
+        csv.update(paired.csv[i] if paired else {})
         md_rows.append(md)
         csv_rows.append(csv)
     preamble = (
@@ -191,8 +195,22 @@ def write_evaluation_table(
         preamble += "Protocol of every run: " + ", ".join(f"{k} {v}" for k, v in shared.items())
         preamble += "\n"
     preamble += common_overrides_line(common, "run")
+    md_paired, csv_paired = [], []
+    if paired:
+        chosen = "the first row that keeps per-episode accuracies: best val/acc"
+        preamble += paired_line("run", paired.reference, chosen)
+        md_paired = [f"{c} ({n} ep)" for n in counts for c in _PAIRED_MD] + [PAIRED]
+        csv_paired = [f"{c}_{n}" for n in counts for c in _PAIRED_CSV] + [PAIRED]
     tail = ["steps", "batch norm (train/test)", "inner loop (test)", "status"]
-    md_columns = ["run", *varying, *protocol_columns, "val/acc %", *acc_columns, *tail]
+    md_columns = [
+        "run",
+        *varying,
+        *protocol_columns,
+        "val/acc %",
+        *acc_columns,
+        *md_paired,
+        *tail,
+    ]
     per_count = [f"test/acc{s}_{n}" for n in counts for s in ("", "_ci95")]
     csv_columns = [
         "run",
@@ -200,6 +218,7 @@ def write_evaluation_table(
         *protocol_columns,
         "val/acc_best",
         *per_count,
+        *csv_paired,
         *tail,
     ]
     epilogue = seed_table(rows, varying, counts)
@@ -212,6 +231,53 @@ def write_evaluation_table(
         preamble + "\n",
         epilogue,
     )
+
+
+PAIRED = "paired"
+_PAIRED_MD = ("Δ % vs reference", "won/lost/tied")
+_PAIRED_CSV = ("paired_diff", "paired_diff_ci95", "won", "lost", "tied")
+
+
+@dataclass
+class Pairing:
+    """The evaluation table's paired columns: the reference row's name (None where no row
+    keeps per-episode accuracies) and each row's Markdown and CSV cells."""
+
+    reference: str | None
+    md: list[dict[str, Any]]
+    csv: list[dict[str, Any]]
+
+
+def pairing(rows: Sequence[Row], counts: Sequence[int]) -> Pairing | None:
+    """Each row paired with the reference (reporting.paired.reference_index: rows are best
+    val/acc first, so it is the run validation selects) at every count, its `paired` cell
+    saying reference, paired, or why not; None with fewer than two evaluated rows."""
+    largest = [row.results.get(max(counts)) for row in rows]
+    if sum(result is not None for result in largest) < 2:
+        return None
+    index = reference_index(largest)
+    reference = None if index is None else rows[index]
+    md_rows, csv_rows = [], []
+    for row, result in zip(rows, largest):
+        md: dict[str, Any] = {}
+        csv: dict[str, Any] = {}
+        if row is reference:
+            md[PAIRED] = csv[PAIRED] = "reference"
+        elif result is not None:
+            for n in counts:
+                difference = compared(row.results[n], reference.results[n] if reference else {})
+                if isinstance(difference, str):
+                    md[PAIRED] = csv[PAIRED] = f"not paired: {difference}"
+                    break
+                md[PAIRED] = csv[PAIRED] = PAIRED
+                md[f"{_PAIRED_MD[0]} ({n} ep)"] = difference.percent()
+                md[f"{_PAIRED_MD[1]} ({n} ep)"] = difference.counts()
+                values = (difference.mean, difference.ci95)
+                values += (difference.won, difference.lost, difference.tied)
+                csv.update((f"{column}_{n}", v) for column, v in zip(_PAIRED_CSV, values))
+        md_rows.append(md)
+        csv_rows.append(csv)
+    return Pairing(None if reference is None else reference.name, md_rows, csv_rows)
 
 
 def seed_table(rows: Sequence[Row], varying: Sequence[str], counts: Sequence[int]) -> str:

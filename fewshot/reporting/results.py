@@ -12,6 +12,7 @@ from typing import Any
 
 from fewshot.data.registry import dataset as dataset_named
 from fewshot.errors import DataError
+from fewshot.reporting.paired import compared, paired_line, reference_index
 from fewshot.reporting.papers import PAPERS, key, result_key
 from fewshot.reporting.tables import SEED, Row, markdown, mean_std
 
@@ -41,10 +42,16 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
-def _setting(algorithm: str, first_order: bool, dataset: str, way: int, shot: int) -> str:
+def _setting(
+    algorithm: str, first_order: bool, dataset: str, way: int, shot: int, backbone: str = "conv4"
+) -> str:
     """A row's setting, from its key (papers.key)."""
     name = f"{dataset_named(dataset).title} {way}-way {shot}-shot"
-    return name + (" (first order)" if first_order else "")
+    return (
+        name
+        + (" (first order)" if first_order else "")
+        + (f" ({backbone})" if backbone != "conv4" else "")
+    )
 
 
 def _ours(row: Row) -> dict[str, Any]:
@@ -84,9 +91,11 @@ def _ours_with_seeds(rows: Sequence[Row], cells: dict[str, Any]) -> list[dict[st
     return table
 
 
-def results_tables(results: Sequence[dict[str, Any]]) -> str:
+def results_tables(results: Sequence[dict[str, Any]], names: Sequence[str] | None = None) -> str:
     """One Markdown table per paper: every setting it reports with our results for it (one row
-    per result file, "not run" where there is none), then our results for settings it lacks."""
+    per result file, "not run" where there is none), then our results for settings it lacks;
+    with several results, a last table pairing each with the first (paired_table; `names`:
+    the results' files, in the same order)."""
     by_key: dict[tuple, list[Row]] = {}
     for result in sorted(
         results, key=lambda r: (r["episodes"], r.get("trained_steps") or 0, r["test/acc"])
@@ -94,7 +103,11 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
         seed = result.get("train_seed")
         row = Row.evaluated("", {} if seed is None else {SEED: str(seed)}, [result])
         p = row.protocol
-        setting = key(p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"])
+        # Results from before the protocol recorded the backbone were all Conv4's.
+        backbone = p.get("backbone", "conv4")
+        setting = key(
+            p["algorithm"], p.get("first_order"), p["dataset"], p["way"], p["shot"], backbone
+        )
         by_key.setdefault(setting, []).append(row)
     reported = {result_key(paper, result) for paper in PAPERS for result in paper.results}
     sections = []
@@ -112,10 +125,65 @@ def results_tables(results: Sequence[dict[str, Any]]) -> str:
         sections.append(
             f"### {paper.title}\n\nPaper's protocol: {paper.protocol}\n\n" + markdown(COLUMNS, rows)
         )
-    for other, results in by_key.items():  # algorithms no paper here reports
-        rows = _ours_with_seeds(results, {"setting": _setting(*other), "paper": "—"})
+    for other, ours in by_key.items():  # algorithms no paper here reports
+        rows = _ours_with_seeds(ours, {"setting": _setting(*other), "paper": "—"})
         sections.append(f"### {other[0]}\n\n" + markdown(COLUMNS, rows))
+    if len(results) > 1:
+        names = names or [f"result {i + 1}" for i in range(len(results))]
+        sections.append(paired_table(results, names))
     return "\n".join(sections)
+
+
+PAIRED_COLUMNS = (
+    "result",
+    "setting",
+    "algorithm",
+    "test/acc %",
+    "test episodes",
+    "batch norm (train/test)",
+    "Δ % vs reference",
+    "won/lost/tied",
+    "paired",
+)
+
+
+def paired_table(results: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
+    """A Markdown section pairing each result with the reference, the first named that keeps
+    per-episode accuracies (reporting.paired): its unpaired accuracy beside the mean paired
+    difference and the episodes each won, or why it is not paired."""
+    index = reference_index(results)
+    rows = []
+    for i, (result, name) in enumerate(zip(results, names)):
+        row = Row.evaluated(name, {}, [result])
+        p = row.protocol
+        cells = {
+            "result": name,
+            "setting": _setting(p["algorithm"], False, p["dataset"], p["way"], p["shot"]),
+            "algorithm": p["algorithm"] + (" (first order)" if p.get("first_order") else ""),
+            "test/acc %": row.test_acc(result["episodes"]),
+            "test episodes": result["episodes"],
+            "batch norm (train/test)": row.batch_norm,
+        }
+        if i == index:
+            cells["paired"] = "reference"
+            rows.append(cells)
+            continue
+        difference = compared(result, {} if index is None else results[index])
+        if isinstance(difference, str):
+            cells["paired"] = f"not paired: {difference}"
+        else:
+            cells["Δ % vs reference"] = difference.percent()
+            cells["won/lost/tied"] = difference.counts()
+            cells["paired"] = "paired"
+        rows.append(cells)
+    reference = None if index is None else names[index]
+    chosen = "the first file named that keeps per-episode accuracies"
+    return (
+        "### Paired comparisons\n\n"
+        + paired_line("result", reference, chosen)
+        + "\n"
+        + markdown(PAIRED_COLUMNS, rows)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
     try:
-        text = results_tables(load_results(args.results))
+        text = results_tables(load_results(args.results), args.results)
     except DataError as err:
         parser.exit(2, f"error: {err}\n")
     if args.output:

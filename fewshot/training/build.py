@@ -15,7 +15,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from fewshot.checkpoints.format import meta_lr_schedule
 from fewshot.checkpoints.writing import AtomicCheckpointIO, checkpoint_callbacks
-from fewshot.config import backbone_config, learner_from, resolved_config
+from fewshot.config import (
+    backbone_config,
+    learner_from,
+    resolved_config,
+    scores_any_way,
+    training_task,
+)
 from fewshot.data.datamodule import EpisodeDataModule
 from fewshot.errors import ConfigError, instantiate
 from fewshot.experiments.cluster import cluster_trainer_settings
@@ -29,13 +35,16 @@ from fewshot.training.threads import AUTO, auto_processes, thread_count
 
 
 def build_learner(cfg: DictConfig) -> Learner:
-    """The backbone, and on it the learner `cfg.algo._target_` names."""
+    """The backbone, and on it the learner `cfg.algo._target_` names; one that scores any way
+    is given the way of the tasks it scores and of those it meta-trains on."""
     backbone = instantiate(backbone_config(cfg))
     if not isinstance(backbone, FunctionalBackbone):
         raise ConfigError(
             f"backbone._target_={cfg.backbone._target_} has no forward_with(weights, x, "
             "statistics) and statistics(weights, x): fewshot's learners run it on task weights"
         )
+    if scores_any_way(cfg):
+        return learner_from(cfg.algo, backbone, way=cfg.way, train_way=training_task(cfg)[0])
     return learner_from(cfg.algo, backbone)
 
 
@@ -56,6 +65,7 @@ def build_module(cfg: DictConfig) -> EpisodicModule:
 def build_datamodule(
     cfg: DictConfig, test_episodes: int = 600, test_share: range | None = None
 ) -> EpisodeDataModule:
+    train_way, train_query = training_task(cfg)
     return EpisodeDataModule(
         cfg.data,
         cfg.way,
@@ -66,6 +76,8 @@ def build_datamodule(
         test_episodes,
         cfg.seed,
         test_share,
+        train_way=train_way,
+        train_query=train_query,
     )
 
 

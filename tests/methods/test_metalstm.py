@@ -11,13 +11,13 @@ from fewshot.data.episodes import Episodes
 from fewshot.methods.metalstm import (
     MetaLSTM,
     SupportMiniBatches,
-    content_key,
     flatten,
     permutation,
     preprocess,
     unflatten,
 )
 from fewshot.models.conv4 import Conv4
+from fewshot.models.hashing import content_key
 from tests.helpers import (
     TRANSDUCTIVE,
     FunctionalLinear,
