@@ -309,10 +309,13 @@ def make_miniimagenet(
     return root
 
 
-def conv_episode(way: int = 3, shot: int = 2, query: int = 4, tasks: int = 2) -> Episodes:
-    """A meta-batch of random 12x12 grey images with balanced labels 0..way-1."""
+def conv_episode(
+    way: int = 3, shot: int = 2, query: int = 4, tasks: int = 2, channels: int = 1, size: int = 12
+) -> Episodes:
+    """A meta-batch of random images in [0, 1] (grey 12x12 by default) with balanced labels
+    0..way-1."""
     torch.manual_seed(0)
-    x = torch.rand(tasks, way * (shot + query), 1, 12, 12)
+    x = torch.rand(tasks, way * (shot + query), channels, size, size)
     labels = torch.arange(way)
     return Episodes(
         x[:, : way * shot],

@@ -37,7 +37,7 @@ def checkpoints(trained_run, tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {}}, foreign)
     edits = {
         "incomplete": lambda c: [c["fewshot_config"].pop(k) for k in ("algo", "way")],
-        "unknown_algo": lambda c: c["fewshot_config"]["algo"].update(name="protonet"),
+        "unknown_algo": lambda c: c["fewshot_config"]["algo"].update(name="r2d2"),
         "no_weights": lambda c: c.pop("state_dict"),
         "weights_only": lambda c: [c.pop(k) for k in ("optimizer_states", "loops")],
     }
@@ -211,7 +211,7 @@ BAD_INPUTS = [
     (
         "load_checkpoint",
         ["{unknown_algo}"],
-        ["ckpt={unknown_algo} is refused", "algo.name='protonet', which is not an option"],
+        ["ckpt={unknown_algo} is refused", "algo.name='r2d2', which is not an option"],
     ),
     ("load_checkpoint", ["{no_weights}"], ["ckpt={no_weights}", "it lacks state_dict"]),
     (

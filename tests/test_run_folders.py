@@ -207,8 +207,13 @@ def test_a_second_run_into_a_folder_a_run_is_training_in_is_refused(
     resume = [*quick_overrides, f"ckpt_path={run}/checkpoints/last.ckpt"]
     first = start_script("train.py", *resume, "trainer.max_steps=100000", log=tmp_path / "log")
     try:
+        # Locked, then its own record written (.hydra/resumed_<time>): Hydra writes it after
+        # the lock is taken.
         wait_for(
-            lambda: f"pid {first.pid} on" in (run / LOCK).read_text(),
+            lambda: (
+                f"pid {first.pid} on" in (run / LOCK).read_text()
+                and list((run / ".hydra").glob("resumed_*"))
+            ),
             lambda: f"the first run to lock its folder: {(tmp_path / 'log').read_text()[-2000:]}",
         )
         hydra_record = sorted(p.name for p in (run / ".hydra").iterdir())

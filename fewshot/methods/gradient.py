@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from fewshot.errors import ConfigError
-from fewshot.methods.learner import BATCH_NORM_MODES, Learner
+from fewshot.methods.learner import BATCH_NORM_SETTINGS, Learner
 from fewshot.methods.passes import EagerPasses
 from fewshot.methods.recomputation import recomputed
 from fewshot.methods.rules import State, UpdateRule
 from fewshot.models.functional import FunctionalBackbone, Weights
-from fewshot.settings import Rule, one_of
+from fewshot.settings import Rule
 
 # (support_x, support_y, steps) -> the (x, y) batch of every inner step, in order
 SupportBatches = Callable[[Tensor, Tensor, int], Iterator[tuple[Tensor, Tensor]]]
@@ -70,10 +70,7 @@ class GradientLearner(Learner):
     meta-gradient is second order) and `step_weights` (the weights an inner step starts from).
     """
 
-    settings: ClassVar[dict[str, Rule]] = {
-        "batch_norm_train": one_of(*BATCH_NORM_MODES),
-        "batch_norm_test": one_of(*BATCH_NORM_MODES),
-    }
+    settings: ClassVar[dict[str, Rule]] = dict(BATCH_NORM_SETTINGS)
 
     def __init__(
         self,

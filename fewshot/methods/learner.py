@@ -10,11 +10,16 @@ from torch import Tensor, nn
 
 from fewshot.methods.passes import EagerPasses
 from fewshot.models.functional import FunctionalBackbone, Weights
-from fewshot.settings import Rule
+from fewshot.settings import Rule, one_of
 
 # Which statistics batch norm normalises a query set with: the query batch's own, or the
 # support set's (each query prediction then independent of the others).
 BATCH_NORM_MODES = ("transductive", "support")
+# The `algo` keys of a learner that normalises with batch statistics in training and at test.
+BATCH_NORM_SETTINGS: dict[str, Rule] = {
+    "batch_norm_train": one_of(*BATCH_NORM_MODES),
+    "batch_norm_test": one_of(*BATCH_NORM_MODES),
+}
 
 
 class Learner(nn.Module):

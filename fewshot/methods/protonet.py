@@ -8,10 +8,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fewshot.methods.learner import BATCH_NORM_MODES, Learner
+from fewshot.methods.learner import BATCH_NORM_SETTINGS, Learner
 from fewshot.methods.passes import EagerPasses
 from fewshot.models.functional import FunctionalBackbone, Weights
-from fewshot.settings import Rule, one_of
+from fewshot.settings import Rule
 
 
 def prototypes(support: Tensor, labels: Tensor, way: int) -> Tensor:
@@ -51,10 +51,7 @@ class ProtoNet(Learner):
     """
 
     any_way: ClassVar[bool] = True
-    settings: ClassVar[dict[str, Rule]] = {
-        "batch_norm_train": one_of(*BATCH_NORM_MODES),
-        "batch_norm_test": one_of(*BATCH_NORM_MODES),
-    }
+    settings: ClassVar[dict[str, Rule]] = dict(BATCH_NORM_SETTINGS)
 
     def __init__(
         self,

@@ -19,7 +19,7 @@ from fewshot.methods import plain_backward, task_scorer
 from fewshot.models import resnet12
 from fewshot.models.resnet12 import ResNet12, dropblock, keyed_uniform
 from fewshot.training.build import build_learner, build_module
-from tests.helpers import compose_train, meta_batch, small_trainer
+from tests.helpers import compose_train, conv_episode, meta_batch, small_trainer
 
 NARROW = [4, 8, 8, 8]
 
@@ -207,15 +207,7 @@ def config(algo: str, *overrides: str):
 
 def episodes(tasks: int = 2, way: int = 3, shot: int = 1, query: int = 2) -> Episodes:
     """A meta-batch of random 16 px colour images in [0, 1] with balanced labels."""
-    torch.manual_seed(1)
-    x = torch.rand(tasks, way * (shot + query), 3, 16, 16)
-    labels = torch.arange(way)
-    return Episodes(
-        x[:, : way * shot],
-        labels.repeat_interleave(shot).expand(tasks, -1),
-        x[:, way * shot :],
-        labels.repeat_interleave(query).expand(tasks, -1),
-    )
+    return conv_episode(way, shot, query, tasks, channels=3, size=16)
 
 
 def meta_gradient(learner) -> dict[str, torch.Tensor]:
