@@ -70,6 +70,7 @@ from fewshot.errors import ConfigError
 from fewshot.methods import TASK_BATCHING, plain_backward, run_tasks, task_scorer
 from fewshot.methods.tasks import TaskScorer
 from fewshot.models.conv4 import Conv4
+from fewshot.models.resnet12 import ResNet12
 
 REFERENCE = "reference"
 # Other measurements, in their own modules: `python -m bench.speed <flag> [their options]`.
@@ -89,6 +90,7 @@ class Workload:
     in_channels: int
     compile: bool = False  # algo.compile: torch.compile evaluation's passes
     bf16: bool = False  # trainer.precision=bf16-mixed: bfloat16 autocast
+    net: str = "conv4"  # backbone.name: conv4 (`backbone` its settings) or resnet12
 
 
 MAML_TRANSDUCTIVE = {
@@ -106,7 +108,22 @@ STRIDED = {
     "channels_last": "auto",
 }  # the MAML paper's Omniglot net
 POOLED_32 = {"channels": 32, "padding": 1, "stride": 1, "pool": True, "channels_last": "auto"}
-MEMORY_WORKLOADS = ("maml_omniglot_5w1s", "maml_miniimagenet_5w1s")
+# Second-order MAML with ResNet-12 at Mini-ImageNet's 84 px, one task: memory only (the
+# reference has no ResNet-12); `--memory-only --only maml_miniimagenet_resnet12_5w1s
+# --memory-steps 1 5` is issue #24's table.
+RESNET12 = Workload(
+    "maml_miniimagenet_resnet12_5w1s",
+    {**MAML_TRANSDUCTIVE, "base_lr": 0.01, "inner_steps": 5, "inner_steps_test": 10},
+    {"widths": [64, 160, 320, 640]},
+    5,
+    1,
+    15,
+    1,
+    84,
+    3,
+    net="resnet12",
+)
+MEMORY_WORKLOADS = ("maml_omniglot_5w1s", "maml_miniimagenet_5w1s")  # RESNET12 when named
 
 WORKLOADS = [
     Workload(
@@ -177,8 +194,13 @@ def build(workload: Workload, batching: str) -> TaskScorer:
     check_exclusive(cfg)
     torch.manual_seed(0)
     algo = OmegaConf.merge(group_option("algo", workload.algo["name"]), cfg.algo)
-    settings = backbone_config(cfg)  # the backbone's `auto` layout, as train.py resolves it
-    backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **settings)
+    if workload.net == "resnet12":
+        backbone = ResNet12(
+            workload.in_channels, workload.image_size, workload.way, **workload.backbone
+        )
+    else:
+        settings = backbone_config(cfg)  # the backbone's `auto` layout, as train.py resolves it
+        backbone = Conv4(workload.in_channels, workload.image_size, workload.way, **settings)
     return task_scorer(learner_from(algo, backbone), batching, workload.compile)
 
 
@@ -571,12 +593,14 @@ def memory_report(args: argparse.Namespace) -> None:
     what = "peak device memory" if args.device == "cuda" else "peak RSS"
     print(
         f"second-order MAML (fewshot, loop), {what} growth over the model in GB by inner steps, "
-        "plain / checkpoint_inner (time per meta-iteration, checkpoint_inner / plain):"
+        "plain / checkpoint_inner (plain's s per meta-iteration, checkpoint_inner's over it):"
     )
-    for name in MEMORY_WORKLOADS:
-        if args.only and name not in args.only:
+    # ResNet-12 only when --only names it: at 10 or 20 second-order steps it outgrows a
+    # small machine's memory.
+    for name in (*MEMORY_WORKLOADS, RESNET12.name):
+        if (args.only and name not in args.only) or (not args.only and name == RESNET12.name):
             continue
-        base = next(w for w in WORKLOADS if w.name == name)
+        base = next(w for w in [*WORKLOADS, RESNET12] if w.name == name)
         cells = []
         for steps in args.memory_steps:
             (plain_gb, plain_s), (ckpt_gb, ckpt_s) = (
@@ -588,7 +612,9 @@ def memory_report(args: argparse.Namespace) -> None:
                 )
                 for c in (False, True)
             )
-            cells.append(f"{steps}: {plain_gb:.2f}/{ckpt_gb:.2f} ({ckpt_s / plain_s:.2f}x)")
+            cells.append(
+                f"{steps}: {plain_gb:.2f}/{ckpt_gb:.2f} ({plain_s:.2f} s, {ckpt_s / plain_s:.2f}x)"
+            )
         print(f"  {name:28} " + "  ".join(cells))
 
 
