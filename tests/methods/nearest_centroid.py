@@ -1,12 +1,13 @@
 """A few-shot method written on the learner contract alone, in this one file, for the tests:
 each class's centroid is the mean embedding of its support images, and a query's logits are
-its negative squared distances to them. No inner loop: `adapt` is the contract's own."""
+its negative squared distances to them (ProtoNet's arithmetic, reused). No inner loop: `adapt`
+is the contract's own."""
 
-import torch
 from torch import Tensor
 
 from fewshot.methods import Learner
 from fewshot.methods.passes import EagerPasses
+from fewshot.methods.protonet import prototypes, squared_distances
 from fewshot.models.functional import FunctionalBackbone, Weights
 
 
@@ -27,7 +28,4 @@ class NearestCentroid(Learner):
         passes = passes or EagerPasses(self.backbone)
         support = passes.embedding(weights, support_x)  # [n, features]
         query = passes.embedding(weights, query_x)  # [q, features]
-        classes = torch.arange(self.way, device=support_y.device)
-        members = (support_y[:, None] == classes).to(support.dtype)  # [n, way], one-hot
-        centroids = members.T @ support / members.sum(0)[:, None]  # [way, features]
-        return -(query[:, None] - centroids[None]).pow(2).sum(-1)  # [q, way]
+        return -squared_distances(query, prototypes(support, support_y, self.way))  # [q, way]
