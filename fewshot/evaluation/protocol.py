@@ -26,7 +26,6 @@ from fewshot.config import (
     int_at_least,
     training_task,
 )
-from fewshot.data.datamodule import load_splits
 from fewshot.data.episodes import share
 from fewshot.errors import ConfigError
 from fewshot.experiments.runs import best_val_acc, eval_result_path, task_suffix
@@ -204,8 +203,9 @@ def scored_episodes(
     count: int,
     threads: int | str | None,
     progress: str | None,
-) -> Tensor:
-    """The accuracy of each of the first `count` fixed test episodes [count], in episode order.
+) -> tuple[Tensor, list[str]]:
+    """The accuracy of each of the first `count` fixed test episodes [count], in episode order,
+    and the meta-test split's class names (what the episodes index).
 
     With `threads: auto` on the CPU, processes (one per usable core, one thread each) score
     contiguous shares of the episodes, this one the first: each episode is a function of its id
@@ -226,8 +226,8 @@ def scored_episodes(
     with ProcessPoolExecutor(processes - 1, mp_context=context) as pool:
         others = [pool.submit(scored_share, config, str(ckpt), ids) for ids in shares[1:]]
         note = f"the first share of {processes} processes, scored at once"
-        mine = share_accuracies(cfg, checkpoint, ckpt, shares[0], progress, note)
-        return torch.cat([mine, *(future.result() for future in others)])
+        mine, names = share_accuracies(cfg, checkpoint, ckpt, shares[0], progress, note)
+        return torch.cat([mine, *(future.result() for future in others)]), names
 
 
 def scored_share(config: dict[str, Any], ckpt: str, ids: range) -> Tensor:
@@ -236,7 +236,7 @@ def scored_share(config: dict[str, Any], ckpt: str, ids: range) -> Tensor:
     quiet_lightning()
     set_threads(AUTO)
     _, checkpoint = load_checkpoint(ckpt)
-    return share_accuracies(OmegaConf.create(config), checkpoint, ckpt, ids, None, None)
+    return share_accuracies(OmegaConf.create(config), checkpoint, ckpt, ids, None, None)[0]
 
 
 def share_accuracies(
@@ -246,8 +246,9 @@ def share_accuracies(
     ids: range,
     progress: str | None,
     countdown: str | None = "",
-) -> Tensor:
-    """The accuracy of each test episode of `ids` [len(ids)], scored in this process; with
+) -> tuple[Tensor, list[str]]:
+    """The accuracy of each test episode of `ids` [len(ids)], scored in this process, and the
+    meta-test split's class names; with
     `progress`, a bar on a terminal; unless `countdown` is None, the time it will take in the
     log (EpisodeCountdown; `countdown`: whose share `ids` is)."""
     module = restored_module(cfg, checkpoint, ckpt)
@@ -268,7 +269,7 @@ def share_accuracies(
         ],
     )
     trainer.test(module, datamodule, verbose=False)
-    return torch.cat(module.test_accuracies)
+    return torch.cat(module.test_accuracies), datamodule.splits["test"].names
 
 
 def evaluate_prefixes(
@@ -314,9 +315,8 @@ def evaluate_prefixes(
         check_value("episodes", n, int_at_least(2))
     if before_scoring is not None:
         before_scoring(cfg, stored)
-    set_threads(threads)  # before the split is read: scored_episodes may fork after it
-    classes = test_classes_sha256(cfg.data)
-    accuracies = scored_episodes(cfg, checkpoint, ckpt, max(counts), threads, progress)
+    accuracies, names = scored_episodes(cfg, checkpoint, ckpt, max(counts), threads, progress)
+    classes = classes_sha256(names)
     results = []
     for n in counts:
         mean, ci95 = mean_ci95(accuracies[:n])
@@ -359,11 +359,9 @@ def test_episodes(cfg: DictConfig, classes: str, count: int) -> dict[str, Any]:
     }
 
 
-def test_classes_sha256(data: DictConfig) -> str:
-    """The first 16 hex digits of the SHA-256 of the meta-test split's class names, in the
-    order episodes index them, one per line. Reads the split as scoring does, from its cache
-    (0.1 s for Omniglot's; Mini- and tieredImageNet's are memory-mapped); keeps the names."""
-    names = load_splits(data)["test"].names
+def classes_sha256(names: Sequence[str]) -> str:
+    """The first 16 hex digits of the SHA-256 of the meta-test split's class `names`, in the
+    order episodes index them, one per line."""
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
