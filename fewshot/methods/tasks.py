@@ -20,7 +20,7 @@ from fewshot.methods.passes import (
     FunctionalPasses,
     GroupedPasses,
 )
-from fewshot.models.functional import GroupedBackbone, Weights
+from fewshot.models.functional import Annealed, GroupedBackbone, Weights
 
 
 @dataclass
@@ -223,6 +223,8 @@ def run_tasks(
     `backward(share, last)` as soon as it exists, and the returned loss is detached; without,
     the returned loss carries every task's graph.
     """
+    if training and isinstance(tasks.learner.backbone, Annealed):
+        tasks.learner.backbone.at_iteration(iteration)
     count = len(batch.query_y)
     losses, accuracies, step_accuracies, done = [], [], [], 0
     for scores in tasks(batch, training, track_steps, iteration):

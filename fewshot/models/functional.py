@@ -36,6 +36,15 @@ class FunctionalBackbone(Protocol):
 
 
 @runtime_checkable
+class Annealed(Protocol):
+    """A backbone with a setting that changes over meta-training (ResNet-12's DropBlock rate)."""
+
+    def at_iteration(self, iteration: int) -> None:
+        """Meta-training's passes from now on are meta-iteration `iteration`'s (0-based)."""
+        ...
+
+
+@runtime_checkable
 class GroupedBackbone(FunctionalBackbone, Protocol):
     """A backbone that also runs T tasks at once, each on its own weights (algo.task_batching=
     grouped): every weight with a leading task axis [T, ...], images [T, N, C, H, W]."""

@@ -95,9 +95,10 @@ class ResNet12(nn.Module):
     (`.train()`, which Lightning sets for meta-training steps and clears for validation, test
     and prediction), each block's output loses about that share of its activations, single
     ones in the first two blocks (dropout) and squares of `dropblock_size` in the last two
-    (DropBlock). The kept share is fixed at 1 - drop_rate: MetaOptNet's linear ramp from 1 needs
-    the meta-iteration, which the learners do not pass to the backbone (docs/methods.md,
-    ResNet-12). The masks are a function of the images passed in (content_key) and the block,
+    (DropBlock). DropBlock's share grows linearly from 0 to drop_rate over the first
+    `dropblock_ramp` meta-iterations (0: drop_rate from the start), as MetaOptNet's keep rate
+    falls from 1; `at_iteration` tells the module where meta-training stands (fewshot.methods.
+    tasks.run_tasks calls it before each training meta-batch). The masks are a function of the images passed in (content_key) and the block,
     not of a random generator: the same pass draws the same mask, so a pass recomputed in
     backward (algo.checkpoint_inner), a batch-norm statistics pass over the same images, the
     module forward and `forward_with`, and vmapped tasks (algo.task_batching=vmap) all agree.
@@ -116,6 +117,7 @@ class ResNet12(nn.Module):
         "widths": WIDTHS,
         "drop_rate": RATE,
         "dropblock_size": int_at_least(1),
+        "dropblock_ramp": int_at_least(0),
         "global_pool": BOOLEAN,
     }
 
@@ -137,11 +139,13 @@ class ResNet12(nn.Module):
         widths: Sequence[int] = (64, 160, 320, 640),
         drop_rate: float = 0.0,
         dropblock_size: int = 5,
+        dropblock_ramp: int = 0,
         global_pool: bool = True,
     ) -> None:
         super().__init__()
         widths = [int(w) for w in widths]
         self.drop_rate, self.dropblock_size = drop_rate, dropblock_size
+        self.dropblock_ramp, self.meta_iteration = dropblock_ramp, 0
         self.global_pool = global_pool
         self.blocks = nn.ModuleList(
             ResidualBlock(a, b) for a, b in zip([in_channels, *widths], widths)
@@ -151,6 +155,18 @@ class ResNet12(nn.Module):
         for module in self.blocks.modules():  # MetaOptNet's initialisation; the head torch's
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def at_iteration(self, iteration: int) -> None:
+        """Meta-training's passes from now on are meta-iteration `iteration`'s (0-based)."""
+        self.meta_iteration = iteration
+
+    def dropped_shares(self) -> tuple[float, float]:
+        """The shares dropped in training mode now: (blocks 1-2's dropout, blocks 3-4's
+        DropBlock, ramped)."""
+        if self.dropblock_ramp == 0:
+            return self.drop_rate, self.drop_rate
+        ramped = self.drop_rate * min(1.0, self.meta_iteration / self.dropblock_ramp)
+        return self.drop_rate, ramped
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C, H, W] images -> [N, num_classes] logits, normalised with the batch's statistics."""
@@ -165,8 +181,8 @@ class ResNet12(nn.Module):
         drop: float | None = None,
     ) -> Tensor:
         """`forward` on the given weights (names as in `state_dict`); batch norm normalises with
-        `statistics` when given, else with those of the batch. `drop`: the share DropBlock drops
-        in this pass; None: `drop_rate` in training mode, none in evaluation mode."""
+        `statistics` when given, else with those of the batch. `drop`: the share every block
+        drops in this pass; None: `dropped_shares()` in training mode, none in evaluation."""
         features = self.embed_with(weights, x, statistics, drop=drop)
         return F.linear(features, weights["head.weight"], weights["head.bias"])
 
@@ -198,14 +214,16 @@ class ResNet12(nn.Module):
         drop: float | None,
     ) -> Tensor:
         """The last block's output [N, widths[-1], h, w]."""
-        if drop is None:
-            drop = self.drop_rate if self.training else 0.0
-        key = content_key(x) if drop > 0 else None  # of the images, before any layer
+        if drop is not None:
+            shares = (drop, drop)
+        else:
+            shares = self.dropped_shares() if self.training else (0.0, 0.0)
+        key = content_key(x) if max(shares) > 0 else None  # of the images, before any layer
         for i, block in enumerate(self.blocks):
             x = _residual_block(block, f"blocks.{i}.", weights, x, given, record)
-            if drop > 0:
-                last = i >= len(self.blocks) - DROPBLOCK_BLOCKS
-                x = dropblock(x, drop, self.dropblock_size if last else 1, key, salt=i)
+            last = i >= len(self.blocks) - DROPBLOCK_BLOCKS
+            if shares[last] > 0:
+                x = dropblock(x, shares[last], self.dropblock_size if last else 1, key, salt=i)
         return x
 
 

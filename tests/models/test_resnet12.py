@@ -180,6 +180,7 @@ def test_images_too_small_for_four_poolings_are_refused_in_one_line(image_size, 
         ("backbone.widths=[4,8,0,8]", r"backbone.widths=.* a list of 4 integers >= 1"),
         ("backbone.drop_rate=1.0", r"backbone.drop_rate=1.0 is out of range"),
         ("backbone.dropblock_size=0", r"backbone.dropblock_size=0 is out of range"),
+        ("backbone.dropblock_ramp=-1", r"backbone.dropblock_ramp=-1 is out of range"),
     ],
 )
 def test_out_of_range_settings_name_their_key(override, message):
@@ -297,31 +298,55 @@ def colour_classes(num_classes: int, seed: int) -> ClassImages:
     return ClassImages(images, [f"class{c}" for c in range(num_classes)])
 
 
-def test_lightning_drops_in_meta_training_steps_only_and_a_checkpoint_reloads(
+def test_dropblock_share_ramps_over_meta_iterations_and_dropout_does_not():
+    net = ResNet12(3, 16, 5, NARROW, drop_rate=0.2, dropblock_ramp=4)
+    shares = []
+    for iteration in (0, 1, 4, 9):
+        net.at_iteration(iteration)
+        shares.append(net.dropped_shares())
+    assert shares == pytest.approx([(0.2, 0.0), (0.2, 0.05), (0.2, 0.2), (0.2, 0.2)])
+    unramped = ResNet12(3, 16, 5, NARROW, drop_rate=0.2)
+    assert unramped.dropped_shares() == (0.2, 0.2)
+    # At the ramp's end a pass is the unramped net's; before it, another one.
+    unramped.load_state_dict(net.state_dict())
+    x = torch.rand(6, 3, 16, 16)
+    torch.testing.assert_close(net(x), unramped(x))
+    net.at_iteration(1)
+    assert not torch.allclose(net(x), unramped(x))
+
+
+def test_lightning_drops_in_meta_training_steps_only_ramped_by_step_and_a_checkpoint_reloads(
     monkeypatch, tmp_path
 ):
     """Lightning puts the module in training mode for meta-training steps and out of it for
-    validation and test: DropBlock runs in the first alone. What train.py stores rebuilds."""
+    validation and test: DropBlock runs in the first alone, its share ramped by the
+    meta-iteration it is told. What train.py stores rebuilds."""
     from fewshot.data.datamodule import EpisodeDataModule
 
-    cfg = config("protonet", "algo.meta_batch_size=2")
+    cfg = config("protonet", "algo.meta_batch_size=2", "backbone.dropblock_ramp=2")
     module = build_module(cfg)
     datamodule = EpisodeDataModule(cfg.data, 3, 1, 2, 2, 2, 2, seed=0)
     datamodule.splits = {
         split: colour_classes(5, s) for s, split in enumerate(["train", "val", "test"])
     }
-    trainer = small_trainer("cpu", max_steps=2)
-    stages = []
+    trainer = small_trainer("cpu", max_steps=3)
+    calls = []  # (stage, meta-iteration, share, square side) of each dropping pass
 
-    def recorded(*args, **kwargs):
-        stages.append(getattr(trainer.state.stage, "value", None))
-        return dropblock(*args, **kwargs)
+    def recorded(x, drop, block_size, key, salt):
+        stage = getattr(trainer.state.stage, "value", None)
+        calls.append((stage, trainer.global_step, drop, block_size))
+        return dropblock(x, drop, block_size, key, salt)
 
     monkeypatch.setattr(resnet12, "dropblock", recorded)
     trainer.fit(module, datamodule)
     trainer.test(module, datamodule, verbose=False)
-    assert stages and set(stages) == {"train"}
-    assert trainer.global_step == 2
+    assert calls and {stage for stage, *_ in calls} == {"train"}
+    assert trainer.global_step == 3
+    shares = {(step, size): drop for _, step, drop, size in calls}
+    # Dropout (side 1) at drop_rate throughout; DropBlock (side 5) from 0 (no call) to 0.2.
+    assert shares == pytest.approx(
+        {(0, 1): 0.2, (1, 1): 0.2, (2, 1): 0.2, (1, 5): 0.1, (2, 5): 0.2}
+    )
 
     path = tmp_path / "resnet12.ckpt"
     trainer.save_checkpoint(path)
