@@ -13,6 +13,9 @@ in the same run.
     python -m bench.speed --time-to-accuracy --data-root <omniglot> [--budgets 2 5 10]
         # the quick start and the reference's MAML given the same minutes, scored alike
         # (bench/time_to_accuracy.py)
+    python -m bench.speed --paired-budget --data-root <omniglot> [--minutes 10]
+        # the quick start and ProtoNet given the same minutes, paired on the same episodes
+        # (bench/paired_budget.py)
 
 `python -m bench.speed` (from the repository root) and `python bench/speed.py` both import this
 checkout's bench and fewshot: run as a script, it puts the repository root first on sys.path,
@@ -74,7 +77,11 @@ from fewshot.models.resnet12 import ResNet12
 
 REFERENCE = "reference"
 # Other measurements, in their own modules: `python -m bench.speed <flag> [their options]`.
-MODES = {"--whole-machine": "bench.whole_machine", "--time-to-accuracy": "bench.time_to_accuracy"}
+MODES = {
+    "--whole-machine": "bench.whole_machine",
+    "--time-to-accuracy": "bench.time_to_accuracy",
+    "--paired-budget": "bench.paired_budget",
+}
 
 
 @dataclass(frozen=True)
@@ -497,6 +504,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="instead: the quick start and the reference's MAML trained for the same minutes, "
         "scored on the same test episodes (bench/time_to_accuracy.py; --time-to-accuracy -h)",
+    )
+    parser.add_argument(
+        "--paired-budget",
+        action="store_true",
+        help="instead: the quick start and ProtoNet trained for the same minutes, paired on "
+        "the same test episodes (bench/paired_budget.py; --paired-budget -h)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

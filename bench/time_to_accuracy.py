@@ -71,13 +71,14 @@ def quickstart_overrides(data_root: Path, cache: Path) -> list[str]:
 
 
 def train_command(
-    data_root: Path, cache: Path, minutes: float, run_dir: Path, extra: Sequence[str]
+    overrides: Sequence[str], minutes: float, run_dir: Path, extra: Sequence[str]
 ) -> list[str]:
-    """The quick start for `minutes` of training, without its final test (scored apart)."""
+    """train.py with `overrides` (an experiment's) for `minutes` of training, without its final
+    test (scored apart)."""
     return [
         sys.executable,
         str(REPO / "train.py"),
-        *quickstart_overrides(data_root, cache),
+        *overrides,
         f"trainer.max_steps={MANY_STEPS}",
         f"++trainer.max_time={max_time(minutes)}",
         "test_after_training=false",
@@ -104,9 +105,8 @@ def run_fewshot(
 ) -> dict:
     """The quick start trained for `minutes` and scored: accuracy, CI, steps, best val/acc."""
     run_dir = folder / f"{name}_fewshot"
-    command = train_command(
-        args.data_root, folder / "cache", minutes, run_dir, args.fewshot_override
-    )
+    overrides = quickstart_overrides(args.data_root, folder / "cache")
+    command = train_command(overrides, minutes, run_dir, args.fewshot_override)
     trained = run_timed(command, env, folder / f"{name}_fewshot.log", f"fewshot at {minutes} min")
     outcome = json.loads((run_dir / "result.json").read_text())
     best = run_dir / "checkpoints" / "best.ckpt"

@@ -1,10 +1,11 @@
-"""bench/time_to_accuracy.py: the budgets as Lightning reads them, the interval, the commands
-and the table; no training."""
+"""bench/time_to_accuracy.py and bench/paired_budget.py (methods given the same minutes): the
+budgets as Lightning reads them, the commands and the table; no training."""
 
 from pathlib import Path
 
 import pytest
 
+from bench import paired_budget
 from bench import time_to_accuracy as tta
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,8 @@ def test_budgets_are_lightnings_max_time(minutes, text):
 
 
 def test_the_quick_start_runs_as_a_user_runs_it_stopped_by_its_budget(tmp_path):
-    command = tta.train_command(Path("/omniglot"), tmp_path / "cache", 5, tmp_path / "run", ["a=1"])
+    recipe = tta.quickstart_overrides(Path("/omniglot"), tmp_path / "cache")
+    command = tta.train_command(recipe, 5, tmp_path / "run", ["a=1"])
     assert command[1] == str(REPO / "train.py") and "experiment=quickstart" in command
     assert (
         "++trainer.max_time=00:00:05:00" in command
@@ -65,3 +67,28 @@ def test_bad_arguments_are_refused_in_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         tta.parse(root + argv, cores=2)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_paired_budget_trains_both_presets_alike_for_the_budget_then_scores_them_together(
+    tmp_path,
+):
+    runs = paired_budget.contenders(Path("/omniglot"), tmp_path / "cache", processes=2)
+    assert runs["quickstart"][0] == "experiment=quickstart"
+    assert runs["protonet"][0] == "experiment=protonet_omniglot_5w1s"
+    assert "algo.meta_batch_size=2" in runs["protonet"]  # an episode per process
+    shared = paired_budget.budget_overrides(val_every=200, val_episodes=100)
+    for overrides in runs.values():
+        command = tta.train_command(overrides, 10, tmp_path / "run", shared)
+        assert "data.root=/omniglot" in command and "++trainer.max_time=00:00:10:00" in command
+        assert {"trainer.val_check_interval=200", "val_episodes=100"} <= set(command)
+    ckpts = [tmp_path / "a.ckpt", tmp_path / "b.ckpt"]
+    scored = paired_budget.paired_command(ckpts, 600, tmp_path / "t.md", tmp_path / "e")
+    assert f"ckpt=[{ckpts[0]},{ckpts[1]}]" in scored and "episodes=600" in scored
+
+
+def test_paired_budget_refuses_a_budget_of_nothing_in_one_line(tmp_path, capsys):
+    (tmp_path / "images_background.zip").touch()
+    (tmp_path / "images_evaluation.zip").touch()
+    with pytest.raises(SystemExit) as exit_:
+        paired_budget.parse(["--data-root", str(tmp_path), "--minutes", "0"])
+    assert exit_.value.code == 2 and "--minutes: above 0" in capsys.readouterr().err

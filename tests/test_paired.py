@@ -252,3 +252,9 @@ def test_evaluate_keeps_each_episode_s_accuracy_and_pairs_two_methods_on_the_sam
         expected.won, expected.lost, expected.tied
     ]  # fmt: skip
     assert "Paired with the reference, run" in proc.stdout
+    # Two methods' table: the method a column, its whole settings and test keys not (the
+    # inner loop has its column).
+    (header,) = [line for line in table.read_text().splitlines() if line.startswith("| run |")]
+    columns = {c.strip() for c in header.split("|")}
+    assert {"algorithm", "inner loop (test)"} <= columns
+    assert not {"settings", "test_keys", "base_lr"} & columns

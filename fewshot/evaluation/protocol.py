@@ -85,10 +85,16 @@ def precision(cfg: DictConfig) -> str:
     return OmegaConf.select(cfg, "trainer.precision", default=None) or "32-true"
 
 
+def recorded_test_keys(protocol: dict[str, Any]) -> tuple[str, ...]:
+    """The `algo` keys a result's protocol records as shaping its test (its `test_keys`)."""
+    algorithm = protocol.get("algorithm")
+    return tuple(protocol.get("test_keys", _TEST_KEYS_BEFORE_RECORDED.get(algorithm, ())))
+
+
 def inner_loop_summary(protocol: dict[str, Any]) -> str:
     """The test-time inner loop a result used, e.g. `base_lr=0.4 inner_steps_test=3`; empty for
     an algorithm fewshot does not have (a result file from elsewhere)."""
-    keys = protocol.get("test_keys", _TEST_KEYS_BEFORE_RECORDED.get(protocol.get("algorithm"), ()))
+    keys = recorded_test_keys(protocol)
     return " ".join(f"{key}={protocol[key]}" for key in keys if key in protocol)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fewshot.errors import ConfigError, DataError, user_error
-from fewshot.evaluation.protocol import evaluate_prefixes, result_paths
+from fewshot.evaluation.protocol import evaluate_prefixes, recorded_test_keys, result_paths
 from fewshot.experiments.runs import Run, sweep_jobs
 from fewshot.files import unwritable, write_json
 from fewshot.reporting.paired import compared, paired_line, reference_index
@@ -142,7 +142,9 @@ def check_all_evaluated(targets: Sequence[Target], rows: Sequence[Row], table: P
     )
 
 
-_PROTOCOL_COLUMNS = ("batch_norm", "batch_norm_train")
+# Protocol fields that get no column of their own: batch norm has its column, the inner loop
+# (the test keys and their values) too, and `settings` (every algo key) stays in the JSON.
+_SHOWN_ELSEWHERE = ("batch_norm", "batch_norm_train", "settings", "test_keys")
 
 
 def write_evaluation_table(
@@ -153,7 +155,11 @@ def write_evaluation_table(
     # What the runs share of the protocol goes above the table, what differs in columns;
     # batch norm and test-time inner steps are always columns.
     protocols = [
-        {k: v for k, v in r.protocol.items() if k not in _PROTOCOL_COLUMNS}
+        {
+            k: v
+            for k, v in r.protocol.items()
+            if k not in _SHOWN_ELSEWHERE and k not in recorded_test_keys(r.protocol)
+        }
         for r in rows
         if r.results
     ]
