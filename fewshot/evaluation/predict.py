@@ -5,7 +5,7 @@ to each task with the checkpoint's test-time inner loop and batch-norm mode."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from fewshot.checkpoints.reading import check_checkpoint_fits, load_checkpoint
-from fewshot.config import check_config
+from fewshot.config import check_config, scores_any_way
 from fewshot.data.decoding import IMAGE_ERRORS, image_error
 from fewshot.data.episodes import Episodes
 from fewshot.data.registry import dataset as dataset_named
@@ -61,11 +61,20 @@ def class_folders(folder: str | os.PathLike, key: str = "support") -> dict[str, 
 
 
 class Predictor:
-    """A checkpoint's learner, ready to adapt to new tasks of its way."""
+    """A checkpoint's learner, ready to adapt to new tasks of its way, or of any way where no
+    weight of it is sized by the way (ProtoNet: `rebuild` gives its module at another way)."""
 
-    def __init__(self, module: EpisodicModule, cfg: DictConfig) -> None:
+    def __init__(
+        self,
+        module: EpisodicModule,
+        cfg: DictConfig,
+        rebuild: Callable[[int], EpisodicModule] | None = None,
+    ) -> None:
         self.module, self.cfg = module.eval(), cfg
         self.way, self.dataset, self.image_size = cfg.way, cfg.data.name, cfg.data.image_size
+        self.any_way = rebuild is not None
+        self._rebuild = rebuild
+        self._modules = {self.way: self.module}
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | os.PathLike) -> Predictor:
@@ -74,7 +83,28 @@ class Predictor:
         cfg = stored.copy()
         check_config(cfg)
         check_checkpoint_fits(cfg, stored, "ckpt", ckpt, "predict.py uses the run's own model")
-        return cls(restored_module(cfg, checkpoint, ckpt), cfg)
+
+        def at_way(way: int) -> EpisodicModule:  # as evaluate.py way=<n> rebuilds it
+            other = cfg.copy()
+            other.way = way
+            return restored_module(other, checkpoint, ckpt)
+
+        rebuild = at_way if scores_any_way(cfg) else None
+        return cls(restored_module(cfg, checkpoint, ckpt), cfg, rebuild)
+
+    def module_at(self, way: int) -> EpisodicModule:
+        """The module that scores `way`-way tasks: the checkpoint's own at its way, else
+        rebuilt (once) where the learner scores any way; ConfigError otherwise."""
+        if way not in self._modules:
+            if self._rebuild is None:
+                raise ConfigError(
+                    f"the support set has {way} classes; this checkpoint was meta-trained on "
+                    f"{self.way}-way tasks: give {self.way}"
+                )
+            if way < 2:
+                raise ConfigError(f"the support set has {way} class: give 2 classes or more")
+            self._modules[way] = self._rebuild(way).eval()
+        return self._modules[way]
 
     def read(self, paths: Sequence[str | os.PathLike]) -> Tensor:
         """Image files as the checkpoint's dataset reads them: uint8 [n, C, S, S]."""
@@ -85,25 +115,28 @@ class Predictor:
 
         support_x uint8 [way*shot, C, S, S], support_y [way*shot] in 0..way-1, query_x uint8
         [q, C, S, S] -> [q, way]. Under transductive batch norm (MAML's) the query images
-        are normalised together: pass them as one batch, as the test episodes are.
+        are normalised together: pass them as one batch, as the test episodes are. A learner
+        that scores any way takes labels 0..way-1 of any way; the others, their own way's.
         """
-        if support_y.unique().numel() != self.way or int(support_y.max()) >= self.way:
+        way = support_y.unique().numel() if self.any_way else self.way
+        if support_y.unique().numel() != way or int(support_y.max()) >= way:
             raise ConfigError(
                 f"the support set has classes {sorted(set(support_y.tolist()))}; this checkpoint "
                 f"was meta-trained on {self.way}-way tasks: give labels 0..{self.way - 1}, each once or more"
             )
-        learner = self.module.learner
+        module = self.module_at(way)
+        learner = module.learner
         # Files are read on the CPU: the images go where the module is.
         support_x, support_y, query_x = (
-            t.to(self.module.device) for t in (support_x, support_y, query_x)
+            t.to(module.device) for t in (support_x, support_y, query_x)
         )
         # The module's own conversion of the loader's uint8 images to floats.
-        batch = self.module.on_after_batch_transfer(
+        batch = module.on_after_batch_transfer(
             Episodes(support_x, support_y, query_x, support_y.new_zeros(len(query_x))), 0
         )
         bf16 = precision(self.cfg) == "bf16-mixed"
         # As in evaluation: no outer graph; the learner enables grad for its inner loop alone.
-        device = self.module.device
+        device = module.device
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits = learner.logits(batch.support_x, batch.support_y, batch.query_x)
         return logits.float()
@@ -112,7 +145,7 @@ class Predictor:
         self, support: Mapping[str, Sequence[str | os.PathLike]], query: Sequence[str | os.PathLike]
     ) -> list[str]:
         """The class name (a key of `support`: class -> its image files) of each query file."""
-        if len(support) != self.way:
+        if len(support) != self.way and not self.any_way:
             raise ConfigError(
                 f"support has {len(support)} classes ({', '.join(support)}); this checkpoint "
                 f"was meta-trained on {self.way}-way tasks: give {self.way}"

@@ -89,14 +89,17 @@ class EpisodicModule(pl.LightningModule):
             ]
         )
 
-    def _log_sums(self, stage: str, sums: Tensor, reduced: bool = False) -> None:
+    def _log_sums(
+        self, stage: str, sums: Tensor, reduced: bool = False, tasks: int | None = None
+    ) -> None:
         """Log the means over every process's tasks from their `_sums` (`reduced`: summed
-        over the processes already)."""
+        over the processes already); `tasks`: their count where known, which spares a read of
+        it from the device."""
         if self.trainer.world_size > 1 and not reduced:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        tasks = sums[-1]
-        means = sums[:-1] / tasks
-        self._log(stage, means[0], means[1], means[2:], int(tasks.item()))
+        means = sums[:-1] / sums[-1]
+        count = int(sums[-1].item()) if tasks is None else tasks
+        self._log(stage, means[0], means[1], means[2:], count)
 
     def training_step(self, batch: Episodes, batch_idx: int) -> None:
         optimizer = self.optimizers()
@@ -113,7 +116,7 @@ class EpisodicModule(pl.LightningModule):
         if self.meta_lr_schedule is not None:
             self.lr_schedulers().step()  # per meta-iteration, as the optimiser
         if shared:
-            self._log_sums("train", sums, reduced=True)
+            self._log_sums("train", sums, reduced=True, tasks=self.meta_batch_size)
         else:
             tasks = results.accuracy.numel()
             self._log("train", results.loss, results.accuracy.mean(), results.step_accuracy, tasks)

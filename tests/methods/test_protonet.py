@@ -298,6 +298,19 @@ def test_a_checkpoint_predicts_as_the_test_protocol_scores(tmp_path):
         )
     assert (logits.argmax(-1) == torch.arange(5)).float().mean() == accuracy
     assert predictor.predict(support, query) == [names[i] for i in logits.argmax(-1).tolist()]
+    # A 5-way checkpoint predicts 3-way tasks too: its learner rebuilt at way 3, as evaluate.py
+    # way=3 rebuilds it; one class is refused in one line.
+    three = predictor.logits(support_x[:3], torch.arange(3), query_x)
+    with torch.no_grad():
+        expected = predictor.module_at(3).learner.logits(
+            support_x[:3] / 255.0, torch.arange(3), query_x / 255.0
+        )
+    assert predictor.module_at(3).learner.way == 3
+    torch.testing.assert_close(three, expected)
+    picked = predictor.predict({n: support[n] for n in names[:3]}, query)
+    assert picked == [names[i] for i in three.argmax(-1).tolist()]
+    with pytest.raises(ConfigError, match="has 1 class: give 2 classes or more"):
+        predictor.predict({"a": support["a"]}, query)
 
 
 @pytest.mark.parametrize("mode", MODES)
