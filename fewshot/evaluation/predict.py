@@ -72,9 +72,13 @@ class Predictor:
     ) -> None:
         self.module, self.cfg = module.eval(), cfg
         self.way, self.dataset, self.image_size = cfg.way, cfg.data.name, cfg.data.image_size
-        self.any_way = rebuild is not None
         self._rebuild = rebuild
         self._modules = {self.way: self.module}
+
+    @property
+    def any_way(self) -> bool:
+        """Whether it scores tasks of any way (it can rebuild its module at another)."""
+        return self._rebuild is not None
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | os.PathLike) -> Predictor:
@@ -118,11 +122,15 @@ class Predictor:
         are normalised together: pass them as one batch, as the test episodes are. A learner
         that scores any way takes labels 0..way-1 of any way; the others, their own way's.
         """
-        way = support_y.unique().numel() if self.any_way else self.way
-        if support_y.unique().numel() != way or int(support_y.max()) >= way:
+        classes = support_y.unique().numel()
+        way = classes if self.any_way else self.way
+        if classes != way or int(support_y.max()) >= way:
+            trained = (
+                "" if self.any_way else f"; this checkpoint was meta-trained on {way}-way tasks"
+            )
             raise ConfigError(
-                f"the support set has classes {sorted(set(support_y.tolist()))}; this checkpoint "
-                f"was meta-trained on {self.way}-way tasks: give labels 0..{self.way - 1}, each once or more"
+                f"the support set has classes {sorted(set(support_y.tolist()))}{trained}: "
+                f"give labels 0..{way - 1}, each once or more"
             )
         module = self.module_at(way)
         learner = module.learner

@@ -85,7 +85,7 @@ def precision(cfg: DictConfig) -> str:
     return OmegaConf.select(cfg, "trainer.precision", default=None) or "32-true"
 
 
-def recorded_test_keys(protocol: dict[str, Any]) -> tuple[str, ...]:
+def recorded_test_keys(protocol: Mapping[str, Any]) -> tuple[str, ...]:
     """The `algo` keys a result's protocol records as shaping its test (its `test_keys`)."""
     algorithm = protocol.get("algorithm")
     return tuple(protocol.get("test_keys", _TEST_KEYS_BEFORE_RECORDED.get(algorithm, ())))

@@ -147,6 +147,12 @@ def check_all_evaluated(targets: Sequence[Target], rows: Sequence[Row], table: P
 _SHOWN_ELSEWHERE = ("batch_norm", "batch_norm_train", "settings", "test_keys")
 
 
+def protocol_fields(protocol: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a result's protocol that may be columns of its own."""
+    hidden = {*_SHOWN_ELSEWHERE, *recorded_test_keys(protocol)}
+    return {k: v for k, v in protocol.items() if k not in hidden}
+
+
 def write_evaluation_table(
     path: str | Path, rows: Sequence[Row], counts: Sequence[int], seed: int
 ) -> Path:
@@ -154,15 +160,7 @@ def write_evaluation_table(
     varying, common = override_columns(rows)
     # What the runs share of the protocol goes above the table, what differs in columns;
     # batch norm and test-time inner steps are always columns.
-    protocols = [
-        {
-            k: v
-            for k, v in r.protocol.items()
-            if k not in _SHOWN_ELSEWHERE and k not in recorded_test_keys(r.protocol)
-        }
-        for r in rows
-        if r.results
-    ]
+    protocols = [protocol_fields(r.protocol) for r in rows if r.results]
     keys = list(dict.fromkeys(k for p in protocols for k in p))
     # A key only some methods record (Meta-LSTM's inner_epochs beside MAML) is a column.
     first = protocols[0] if protocols else {}

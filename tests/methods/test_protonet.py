@@ -311,6 +311,8 @@ def test_a_checkpoint_predicts_as_the_test_protocol_scores(tmp_path):
     assert picked == [names[i] for i in three.argmax(-1).tolist()]
     with pytest.raises(ConfigError, match="has 1 class: give 2 classes or more"):
         predictor.predict({"a": support["a"]}, query)
+    with pytest.raises(ConfigError, match=r"classes \[0, 2, 3\]: give labels 0..2,"):
+        predictor.logits(support_x[:3], torch.tensor([0, 2, 3]), query_x)
 
 
 @pytest.mark.parametrize("mode", MODES)
